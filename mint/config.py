@@ -1,0 +1,165 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+Each group's YAML files start from one of these schemas (`defaults: [<schema>, _self_]`),
+so a misspelt key or a value of the wrong type fails at composition time with
+Hydra's message naming the key, instead of being silently ignored.
+Code holds the wiring, these hold the knobs; numbers live in conf/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class Stage(str, Enum):
+    # teacher / prefs / eval stages arrive with the pipeline and evaluation issues
+    all = "all"
+    student = "student"
+
+
+class Loss(str, Enum):
+    orpo = "orpo"
+    dpo = "dpo"
+    sft = "sft"
+    none = "none"  # no training: measure the untouched base student
+
+
+class PromptTruncation(str, Enum):
+    keep_end = "keep_end"  # TRL's default: the end of the prompt sits next to the answer
+    keep_start = "keep_start"
+
+
+class OnError(str, Enum):
+    strict = "strict"
+    skip = "skip"
+
+
+@dataclass
+class ExamplePrefsConfig:
+    """The toy preference set `make run` trains on until the real tasks land."""
+
+    n: int = 400
+    seed: int = 0
+
+
+@dataclass
+class CustomTaskConfig:
+    """Any TRL-format preference dataset (JSONL or a `save_to_disk` folder)."""
+
+    name: str = "custom"
+    prefs_path: str = MISSING
+    on_error: OnError = OnError.strict
+    val_fraction: float = 0.1  # held out from prefs_path for the val/ metrics
+    max_samples: int | None = None  # keep the first N rows (debug)
+    max_length: int = 512  # prompt + answer, in tokens
+    max_prompt_length: int = 384
+    prompt_truncation: PromptTruncation = PromptTruncation.keep_end
+    # When set and prefs_path does not exist yet, the example set is generated there.
+    example: ExamplePrefsConfig | None = None
+
+
+@dataclass
+class OptimConfig:
+    """The alignment method and its optimisation settings."""
+
+    name: str = MISSING
+    loss: Loss = MISSING
+    beta: float = 0.1  # ORPO lambda / DPO beta
+    rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
+    sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    warmup_ratio: float = 0.1
+    optimizer: Any = MISSING  # `_target_` node, `_partial_: true` (params come from the model)
+    scheduler: Any = None  # `_target_` node, `_partial_: true`, called with warmup/total steps
+
+
+@dataclass
+class StudentConfig:
+    """How to load the student (`mint.student.load_student`); nested nodes are instantiated."""
+
+    name: str = MISSING
+    name_or_path: str | None = None  # HF id or local folder; null = build with `build`
+    build: Any = None  # `_partial_` node making a model on the spot (tiny students)
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    quantization: Any = None  # `_target_: transformers.BitsAndBytesConfig` node, see conf/quant/
+    lora: Any = None  # `_target_: peft.LoraConfig` node; null = no adapter
+    adapter_path: str | None = None  # start from a saved PEFT adapter
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    learning_rate: float = 5e-5  # what suits this student; optim.optimizer.lr reads it
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer arguments MINT uses; add one here before using it."""
+
+    _target_: str = "lightning.Trainer"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_steps: int = 300
+    max_epochs: int | None = None
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    limit_val_batches: Any = 1.0
+    num_sanity_val_steps: int = 0
+    deterministic: Any = True
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    log_dir: str = MISSING
+    output_dir: str = MISSING  # this run's folder (Hydra's run dir)
+    cache_dir: str = MISSING  # stage artifacts shared between runs
+
+
+@dataclass
+class MintConfig:
+    task: Any = MISSING  # each task's YAML extends its own schema (CustomTaskConfig, ...)
+    optim: OptimConfig = MISSING
+    student: StudentConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    paths: PathsConfig = MISSING
+    seed: int = 42
+    stage: Stage = Stage.all
+    run_name: str = MISSING
+    ckpt_path: str | None = None  # resume training from this Lightning checkpoint
+
+
+def _package_dir(package: str) -> str:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {package!r} is not installed (needed by the config: ${{mint.package_dir:{package}}})")
+    return str(spec.submodule_search_locations[0])
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="mint_schema", node=MintConfig)
+    cs.store(group="task", name="custom_schema", node=CustomTaskConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="student", name="student_schema", node=StudentConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="paths", name="paths_schema", node=PathsConfig)
+    if not OmegaConf.has_resolver("mint.package_dir"):
+        OmegaConf.register_new_resolver("mint.package_dir", _package_dir)

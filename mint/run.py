@@ -1,0 +1,196 @@
+"""Entry point: `python -m mint.run [overrides]` (Hydra).
+
+The spine runs one stage, `student`: read a preference dataset, load the student,
+align it (orpo | dpo | sft) or leave it as is (none), measure the held-out
+pairs, save the adapter and the run's results. Teacher, preference building and
+evaluation stages plug in here with their issues.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from mint.config import Loss, register_configs
+from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
+from mint.data.example_prefs import make_example_prefs, write_jsonl
+from mint.optim.module import PreferenceModule
+from mint.optim.reference import attach_reference_logps
+from mint.report import markdown_table, write_metrics, write_results
+from mint.student import load_student
+
+log = logging.getLogger("mint")
+register_configs()
+
+
+# --- data -------------------------------------------------------------------------
+def load_rows(task: DictConfig) -> list[dict]:
+    path = Path(task.prefs_path)
+    if task.get("example") is not None and not path.exists():
+        log.info("generating the example preference set at %s", path)
+        write_jsonl(make_example_prefs(n=task.example.n, seed=task.example.seed), path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"task.prefs_path={str(path)!r} does not exist: expected a TRL preference dataset "
+            "(a .jsonl file or a datasets.save_to_disk folder)"
+        )
+    rows = read_preference_rows(path, on_error=task.on_error.value if hasattr(task.on_error, "value") else task.on_error)
+    if task.max_samples is not None:
+        rows = rows[: task.max_samples]
+    return rows
+
+
+def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle, then the last `val_fraction` of it held out."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"task.val_fraction={val_fraction}: expected 0 <= value < 1")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(rows) * val_fraction)
+    if val_fraction > 0 and len(rows) >= 2:
+        n_val = max(n_val, 1)
+    if len(rows) - n_val < 1:
+        raise ValueError(f"{len(rows)} preference rows leave none to train on (task.val_fraction={val_fraction})")
+    train = [rows[i] for i in order[: len(rows) - n_val]]
+    val = [rows[i] for i in order[len(rows) - n_val :]]
+    return train, val
+
+
+# --- student ----------------------------------------------------------------------
+def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, Any]:
+    """Explicit wiring of `student.*` into load_student; nested `_target_` nodes are instantiated."""
+    s = cfg.student
+    return load_student(
+        s.name_or_path,
+        cache_dir=cfg.paths.cache_dir,
+        build=instantiate(s.build) if s.build is not None else None,
+        corpus=corpus,
+        gguf_file=s.gguf_file,
+        dtype=s.dtype,
+        quantization=instantiate(s.quantization) if s.quantization is not None else None,
+        # optim=none measures the untouched base: no adapter at all
+        lora=instantiate(s.lora) if s.lora is not None and cfg.optim.loss != Loss.none else None,
+        adapter_path=s.adapter_path,
+        gradient_checkpointing=s.gradient_checkpointing,
+        trust_remote_code=s.trust_remote_code,
+        attn_implementation=s.attn_implementation,
+    )
+
+
+def make_loaders(train: list, val: list, collator: PreferenceCollator, optim: DictConfig, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    val_loader = DataLoader(val, batch_size=optim.eval_batch_size, shuffle=False, collate_fn=collator) if val else None
+    return train_loader, val_loader
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = [instantiate(node) for node in cfg.logger.values() if node is not None and "_target_" in node]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(config)
+    return loggers
+
+
+def save_adapter(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """PEFT-format adapter + tokenizer, written beside and renamed into place."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+# --- the run ----------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the configured stages and returns the flat results dict."""
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    stage_dir = run_dir / "student"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = load_rows(cfg.task)
+    train_rows, val_rows = split_rows(rows, cfg.task.val_fraction, cfg.seed)
+    model, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
+
+    tokenize = dict(
+        max_length=cfg.task.max_length,
+        max_prompt_length=cfg.task.max_prompt_length,
+        prompt_truncation=str(getattr(cfg.task.prompt_truncation, "value", cfg.task.prompt_truncation)),
+    )
+    train_pairs, train_report = tokenize_preference_rows(train_rows, tokenizer, **tokenize)
+    val_pairs, val_report = tokenize_preference_rows(val_rows, tokenizer, **tokenize) if val_rows else ([], None)
+    if not train_pairs:
+        raise ValueError(f"no training pairs left after truncation to task.max_length={cfg.task.max_length}")
+
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    loss = Loss(cfg.optim.loss)
+    if loss is Loss.dpo:
+        train_pairs = attach_reference_logps(model, train_pairs, collator, cfg.optim.eval_batch_size)
+        val_pairs = attach_reference_logps(model, val_pairs, collator, cfg.optim.eval_batch_size) if val_pairs else []
+
+    module = PreferenceModule(
+        model,
+        loss=loss,
+        beta=cfg.optim.beta,
+        rpo_alpha=cfg.optim.rpo_alpha,
+        sft_on_prompt=cfg.optim.sft_on_prompt,
+        optimizer=instantiate(cfg.optim.optimizer) if cfg.optim.optimizer is not None else None,
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
+        warmup_ratio=cfg.optim.warmup_ratio,
+    )
+    train_loader, val_loader = make_loaders(train_pairs, val_pairs, collator, cfg.optim, cfg.seed)
+    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    if loss is Loss.none:
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks, default_root_dir=str(stage_dir)
+    )
+
+    metrics: dict[str, Any] = {
+        "data/train_pairs": len(train_pairs),
+        "data/val_pairs": len(val_pairs),
+        "data/dropped_pairs": train_report.dropped + (val_report.dropped if val_report else 0),
+        "data/truncated_pairs": train_report.prompt_truncated + train_report.answer_truncated,
+    }
+    if loss is not Loss.none:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.ckpt_path)
+        metrics.update(
+            {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+            **{"train/steps": trainer.global_step},
+        )
+        save_adapter(model, tokenizer, stage_dir / "adapter")
+    if val_loader is not None:
+        module.eval()
+        for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
+            metrics.update(result)
+    metrics["time/student_s"] = time.time() - started
+
+    write_metrics(stage_dir / "metrics.json", metrics)
+    flat = write_results(run_dir, metrics, title=f"MINT run {cfg.run_name}")
+    log.info("results in %s\n%s", run_dir, markdown_table(flat))
+    return flat
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    results = run(cfg)
+    # Hydra sweepers (e.g. Optuna) optimise what main returns.
+    return results.get("val/rewards/accuracies")
+
+
+if __name__ == "__main__":
+    main()
