@@ -1,0 +1,89 @@
+"""The config tree: every combination composes and resolves; mistakes fail loudly."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf, open_dict
+
+from tests.conftest import CONF_DIR
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def _compose_resolved(overrides: list[str]) -> dict:
+    cfg = compose("config", overrides=[*overrides, "task.prefs_path=/data/p.jsonl", "paths.root_dir=/r",
+                                       "paths.output_dir=/r/run"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # hydra's own node needs a live job to resolve
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_every_config_combination_composes_and_resolves():
+    # Groups that shape the model and data interact, so all their combinations are
+    # composed; trainer/logger/debug/experiment only add their own keys, so every
+    # combination of those is composed once against the defaults.
+    interacting = {g: _options(g) for g in ["task", "optim", "student", "quant"]}
+    independent = {g: _options(g) for g in ["trainer", "logger"]}
+    extras = [[], ["debug=smoke"]] + [[f"experiment={e}"] for e in _options("experiment")]
+    GlobalHydra.instance().clear()
+    composed = 0
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for combo in itertools.product(*interacting.values()):
+            resolved = _compose_resolved([f"{g}={o}" for g, o in zip(interacting, combo, strict=True)])
+            assert (resolved["task"]["name"], resolved["optim"]["name"]) == (combo[0], combo[1])
+            assert resolved["optim"]["optimizer"] is None or resolved["optim"]["optimizer"]["lr"] > 0
+            composed += 1
+        for combo in itertools.product(*independent.values(), extras):
+            overrides = [f"{g}={o}" for g, o in zip(independent, combo[:-1], strict=True)] + combo[-1]
+            resolved = _compose_resolved(overrides)
+            assert resolved["trainer"]["max_steps"] > 0
+            composed += 1
+    assert composed == len(list(itertools.product(*interacting.values()))) + len(
+        list(itertools.product(*independent.values(), extras))
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "exception", "needle"),
+    [
+        (["optim.bogus=1"], ConfigCompositionException, "optim.bogus"),
+        (["trainer.max_steps=abc"], ConfigCompositionException, "trainer.max_steps"),
+        (["task.on_error=maybe"], ConfigCompositionException, "task.on_error"),
+        (["stage=nope"], ConfigCompositionException, "stage"),
+        (["optim=foo"], MissingConfigException, "optim/foo"),
+        (["student=gpt5"], MissingConfigException, "student/gpt5"),
+    ],
+)
+def test_bad_config_fails_with_the_key_named(override, exception, needle):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(exception) as err:
+            compose("config", overrides=override)
+    text = str(err.value) + str(err.value.__cause__ or "")
+    assert needle in text
+
+
+def test_custom_task_requires_a_dataset_path():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["task=custom"])
+    with pytest.raises(Exception, match="prefs_path"):
+        _ = cfg.task.prefs_path
+
+
+def test_paper_student_settings():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["student=llama32_3b_instruct", "quant=nf4"])
+    lora = cfg.student.lora
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (256, 128, 0.05, "all-linear")
+    assert cfg.student.quantization.bnb_4bit_quant_type == "nf4"
+    assert cfg.student.quantization.bnb_4bit_use_double_quant is True
