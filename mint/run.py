@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -71,16 +72,20 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, Any]:
     """Explicit wiring of `student.*` into load_student; nested `_target_` nodes are instantiated."""
     s = cfg.student
+
+    def make(node: Any) -> Any:  # plain lists/dicts, not OmegaConf containers, reach peft/transformers
+        return instantiate(node, _convert_="all") if node is not None else None
+
     return load_student(
         s.name_or_path,
         cache_dir=cfg.paths.cache_dir,
-        build=instantiate(s.build) if s.build is not None else None,
+        build=make(s.build),
         corpus=corpus,
         gguf_file=s.gguf_file,
         dtype=s.dtype,
-        quantization=instantiate(s.quantization) if s.quantization is not None else None,
+        quantization=make(s.quantization),
         # optim=none measures the untouched base: no adapter at all
-        lora=instantiate(s.lora) if s.lora is not None and cfg.optim.loss != Loss.none else None,
+        lora=make(s.lora) if cfg.optim.loss != Loss.none else None,
         adapter_path=s.adapter_path,
         gradient_checkpointing=s.gradient_checkpointing,
         trust_remote_code=s.trust_remote_code,
@@ -93,6 +98,16 @@ def make_loaders(train: list, val: list, collator: PreferenceCollator, optim: Di
     train_loader = DataLoader(train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator)
     val_loader = DataLoader(val, batch_size=optim.eval_batch_size, shuffle=False, collate_fn=collator) if val else None
     return train_loader, val_loader
+
+
+def build_callbacks(cfg: DictConfig, training: bool) -> list[L.Callback]:
+    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    # Lightning refuses a progress-bar callback when the bar is switched off.
+    if not cfg.trainer.enable_progress_bar:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not training:  # nothing to checkpoint
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    return callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -153,9 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         warmup_ratio=cfg.optim.warmup_ratio,
     )
     train_loader, val_loader = make_loaders(train_pairs, val_pairs, collator, cfg.optim, cfg.seed)
-    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-    if loss is Loss.none:
-        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
+    callbacks = build_callbacks(cfg, training=loss is not Loss.none)
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks, default_root_dir=str(stage_dir)
     )

@@ -1,0 +1,170 @@
+"""Load the student LLM: a tiny one built from config, a GGUF file, or any HF causal LM.
+
+Every source ends in the same `from_pretrained` call on a folder (or hub id), followed
+by optional k-bit preparation, gradient checkpointing and a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mint.student.gguf import convert_gguf
+
+log = logging.getLogger("mint.student")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_student(
+    name_or_path: str | None,
+    *,
+    cache_dir: str,
+    build: Callable[..., Path] | None = None,
+    corpus: Sequence[str] | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    quantization: transformers.BitsAndBytesConfig | None = None,
+    lora: peft.LoraConfig | None = None,
+    adapter_path: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)` in train mode, with only the adapter trainable when one is used."""
+    if dtype not in DTYPES:
+        raise ValueError(f"student.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "student.quantization is set, but bitsandbytes is not installed: `pip install bitsandbytes`, "
+            "or set student.quantization=null"
+        )
+    students = Path(cache_dir) / "students"
+
+    if name_or_path is None:
+        if build is None or corpus is None:
+            raise ValueError(
+                "student.name_or_path is null: a student.build and a tokenizer corpus are needed"
+            )
+        source = _materialize(students / f"tiny-{_build_key(build, corpus)}", lambda out: build(out, corpus))
+    elif gguf_file is not None:
+        gguf_path = (Path(name_or_path).expanduser() / gguf_file).resolve()
+        if not gguf_path.is_file():
+            raise FileNotFoundError(
+                f"student.gguf_file={gguf_file!r} is not a file in student.name_or_path={name_or_path!r} "
+                f"(looked for {gguf_path})"
+            )
+        key = _short_hash(f"{gguf_path}:{gguf_path.stat().st_size}")
+        source = _materialize(
+            students / f"gguf-{key}", lambda out: convert_gguf(str(gguf_path.parent), gguf_path.name, out)
+        )
+    else:
+        source = Path(name_or_path).expanduser()
+
+    tokenizer = _load_tokenizer(name_or_path, source, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source),
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        quantization_config=quantization,
+    )
+
+    gc_kwargs = {"use_reentrant": False}  # non-reentrant: gradients reach LoRA without input-grad hooks
+    if quantization is not None:
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+
+    if adapter_path is not None:
+        # The adapter's saved config decides its shape; `lora` would describe a fresh one.
+        model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    elif lora is not None:
+        lora = copy.deepcopy(lora)  # get_peft_model writes into its config; keep the caller's intact
+        if lora.task_type is None:
+            lora.task_type = peft.TaskType.CAUSAL_LM
+        model = peft.get_peft_model(model, lora)
+
+    model.train()  # transformers 5 returns models in eval mode
+    # PeftModel forwards `num_parameters` to the wrapped transformers model, which counts 4-bit weights right.
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    log.info(
+        "student %s: %d trainable / %d total parameters (%.2f%%)",
+        source,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return model, tokenizer
+
+
+def _load_tokenizer(
+    name_or_path: str | None, source: Path, trust_remote_code: bool
+) -> transformers.PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if source.exists():
+            raise
+        raise FileNotFoundError(
+            f"student.name_or_path={name_or_path!r}: {source} is not a local directory, and no model of "
+            f"that id could be loaded from the Hugging Face Hub (offline runs need a local copy): {err}"
+        ) from err
+    if tokenizer.chat_template is None:
+        raise ValueError(f"student.name_or_path={name_or_path!r}: the tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _build_key(build: Callable[..., Path], corpus: Sequence[str]) -> str:
+    """Hash of everything that determines a built student: the builder, its keyword arguments, the corpus."""
+    func = getattr(build, "func", build)
+    spec = {
+        "builder": f"{func.__module__}.{func.__qualname__}",
+        "kwargs": getattr(build, "keywords", {}),
+        "corpus": list(corpus),
+    }
+    return _short_hash(json.dumps(spec, sort_keys=True))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _materialize(target: Path, make: Callable[[Path], object]) -> Path:
+    """Run `make(tmp)` once and rename `tmp` to `target`, so that `target` is either complete or absent."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    log.info("building student %s", target)
+    try:
+        make(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first; its copy is equivalent
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    return target

@@ -1,0 +1,138 @@
+"""End-to-end runs of the spine on the tiny student: what a user of `python -m mint.run` relies on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mint.data.example_prefs import make_example_prefs, write_jsonl
+from mint.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected"]
+
+
+@pytest.fixture(scope="module")
+def prefs_path(tmp_path_factory) -> Path:
+    return write_jsonl(make_example_prefs(n=200, seed=3), tmp_path_factory.mktemp("data") / "prefs.jsonl")
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
+def test_smoke_run_trains_saves_adapter_and_writes_results(make_cfg, prefs_path, method):
+    cfg = make_cfg("task=custom", f"task.prefs_path={prefs_path}", f"optim={method}", "debug=smoke")
+    results = run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == results
+    assert results["train/steps"] == cfg.trainer.max_steps
+    assert "train/loss" in results and "val/loss" in results
+    assert json.loads((run_dir / "student" / "metrics.json").read_text())["train/steps"] == cfg.trainer.max_steps
+    assert "| `val/loss` |" in (run_dir / "results.md").read_text()
+    if method in ("orpo", "dpo"):
+        assert all(f"train/{m}" in results for m in TRL_METRICS)
+    if method == "orpo":
+        assert {"train/log_odds_ratio", "train/log_odds_chosen", "train/nll_loss"} <= results.keys()
+
+    adapter = run_dir / "student" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "tokenizer_config.json").exists()
+    # checkpoints keep the trainable weights only (LoRA + the tiny student's embeddings/head)
+    ckpt = torch.load(run_dir / "student" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["state_dict"] and all("lora_" in k or "modules_to_save" in k for k in ckpt["state_dict"])
+    assert "optimizer_states" in ckpt and ckpt["global_step"] == cfg.trainer.max_steps
+    assert len(_train_losses(run_dir)) == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
+def test_alignment_learns_the_toy_preferences(make_cfg, tmp_path, prefs_path, method):
+    """On a learnable set the loss falls and the chosen answer becomes the more likely one."""
+    common = ["task=custom", f"task.prefs_path={prefs_path}", "logger=csv", "trainer.log_every_n_steps=1"]
+    before = run(make_cfg(*common, "optim=none", output_dir=tmp_path / "base"))
+    cfg = make_cfg(*common, f"optim={method}", "trainer.max_steps=150", output_dir=tmp_path / method)
+    after = run(cfg)
+
+    losses = _train_losses(Path(cfg.paths.output_dir))
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    if method == "dpo":  # rewards are relative to the reference: 0 for all pairs before training
+        assert after["val/rewards/accuracies"] >= 0.8
+        assert after["val/rewards/margins"] > 0
+    else:
+        assert after["val/rewards/accuracies"] >= before["val/rewards/accuracies"] + 0.3
+        assert after["val/nll_loss"] < before["val/nll_loss"]
+
+
+def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shared_cache):
+    """Reloading the PEFT adapter onto the base gives the validation loss the run reported."""
+    from mint.data import PreferenceCollator, read_preference_rows, tokenize_preference_rows
+    from mint.optim.module import PreferenceModule
+    from mint.run import build_student, split_rows
+    from mint.data import pairs_to_texts
+
+    cfg = make_cfg("task=custom", f"task.prefs_path={prefs_path}", "optim=sft", "debug=smoke")
+    results = run(cfg)
+
+    rows = read_preference_rows(prefs_path)[: cfg.task.max_samples]
+    train_rows, val_rows = split_rows(rows, cfg.task.val_fraction, cfg.seed)
+    cfg.optim.loss = "none"  # base model without a fresh adapter
+    base, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
+    model = PeftModel.from_pretrained(base, Path(cfg.paths.output_dir) / "student" / "adapter").eval()
+    pairs, _ = tokenize_preference_rows(val_rows, tokenizer, max_length=cfg.task.max_length,
+                                        max_prompt_length=cfg.task.max_prompt_length)
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(pairs)
+    module = PreferenceModule(model, loss="sft").eval()
+    with torch.no_grad():
+        loss, _ = module.compute_loss(batch)
+    assert loss.item() == pytest.approx(results["val/loss"], rel=1e-5)
+
+
+def test_qlora_4bit_run_on_cpu(make_cfg, prefs_path):
+    results = run(make_cfg("task=custom", f"task.prefs_path={prefs_path}", "optim=orpo", "quant=nf4",
+                           "debug=smoke", "trainer.max_steps=4"))
+    assert results["train/steps"] == 4 and results["val/loss"] == pytest.approx(results["val/loss"])
+
+
+def test_same_seed_same_numbers(make_cfg, tmp_path, prefs_path):
+    args = ("task=custom", f"task.prefs_path={prefs_path}", "optim=orpo", "debug=smoke", "trainer.max_steps=6")
+    first = run(make_cfg(*args, output_dir=tmp_path / "a"))
+    second = run(make_cfg(*args, output_dir=tmp_path / "b"))
+    other = run(make_cfg(*args, "seed=7", output_dir=tmp_path / "c"))
+    drop = {"time/student_s"}
+    assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+    assert first["val/loss"] != other["val/loss"]
+
+
+def test_missing_dataset_is_a_clear_error_and_writes_nothing(make_cfg, tmp_path):
+    cfg = make_cfg("task=custom", f"task.prefs_path={tmp_path}/nope.jsonl", "debug=smoke")
+    with pytest.raises(FileNotFoundError, match=r"task\.prefs_path=.*nope\.jsonl"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_cli_entry_point_runs_the_default_job(tmp_path):
+    """`python -m mint.run` as a user types it (the example set, Hydra's run dir, results printed)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mint.run", "debug=smoke", f"hydra.run.dir={tmp_path}/run",
+         f"paths.log_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train/steps"] == 12
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    assert "results in" in proc.stderr + proc.stdout
