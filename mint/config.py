@@ -9,33 +9,34 @@ Code holds the wiring, these hold the knobs; numbers live in conf/.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     # teacher / prefs / eval stages arrive with the pipeline and evaluation issues
     all = "all"
     student = "student"
 
 
-class Loss(str, Enum):
+class Loss(StrEnum):
     orpo = "orpo"
     dpo = "dpo"
     sft = "sft"
     none = "none"  # no training: measure the untouched base student
 
 
-class PromptTruncation(str, Enum):
+class PromptTruncation(StrEnum):
     keep_end = "keep_end"  # TRL's default: the end of the prompt sits next to the answer
     keep_start = "keep_start"
 
 
-class OnError(str, Enum):
+class OnError(StrEnum):
     strict = "strict"
     skip = "skip"
 
@@ -149,7 +150,9 @@ def _package_dir(package: str) -> str:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package {package!r} is not installed (needed by the config: ${{mint.package_dir:{package}}})")
+        raise ValueError(
+            f"package {package!r} is not installed (needed by the config: ${{mint.package_dir:{package}}})"
+        )
     return str(spec.submodule_search_locations[0])
 
 
@@ -163,3 +166,6 @@ def register_configs() -> None:
     cs.store(group="paths", name="paths_schema", node=PathsConfig)
     if not OmegaConf.has_resolver("mint.package_dir"):
         OmegaConf.register_new_resolver("mint.package_dir", _package_dir)
+    if not OmegaConf.has_resolver("mint.cwd"):
+        # Not ${hydra:runtime.cwd}: Hydra resolves the sweep dir before that exists.
+        OmegaConf.register_new_resolver("mint.cwd", os.getcwd)

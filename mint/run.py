@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mint.config import Loss, register_configs
 from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
@@ -46,7 +47,7 @@ def load_rows(task: DictConfig) -> list[dict]:
             f"task.prefs_path={str(path)!r} does not exist: expected a TRL preference dataset "
             "(a .jsonl file or a datasets.save_to_disk folder)"
         )
-    rows = read_preference_rows(path, on_error=task.on_error.value if hasattr(task.on_error, "value") else task.on_error)
+    rows = read_preference_rows(path, on_error=str(task.on_error))
     if task.max_samples is not None:
         rows = rows[: task.max_samples]
     return rows
@@ -62,7 +63,9 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
     if val_fraction > 0 and len(rows) >= 2:
         n_val = max(n_val, 1)
     if len(rows) - n_val < 1:
-        raise ValueError(f"{len(rows)} preference rows leave none to train on (task.val_fraction={val_fraction})")
+        raise ValueError(
+            f"{len(rows)} preference rows leave none to train on (task.val_fraction={val_fraction})"
+        )
     train = [rows[i] for i in order[: len(rows) - n_val]]
     val = [rows[i] for i in order[len(rows) - n_val :]]
     return train, val
@@ -94,9 +97,15 @@ def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, 
 
 
 def make_loaders(train: list, val: list, collator: PreferenceCollator, optim: DictConfig, seed: int):
+    # StatefulDataLoader saves its position and shuffling state in Lightning's
+    # checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator)
-    val_loader = DataLoader(val, batch_size=optim.eval_batch_size, shuffle=False, collate_fn=collator) if val else None
+    train_loader = StatefulDataLoader(
+        train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator
+    )
+    val_loader = (
+        DataLoader(val, batch_size=optim.eval_batch_size, shuffle=False, collate_fn=collator) if val else None
+    )
     return train_loader, val_loader
 
 
@@ -144,10 +153,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenize = dict(
         max_length=cfg.task.max_length,
         max_prompt_length=cfg.task.max_prompt_length,
-        prompt_truncation=str(getattr(cfg.task.prompt_truncation, "value", cfg.task.prompt_truncation)),
+        prompt_truncation=str(cfg.task.prompt_truncation),
     )
     train_pairs, train_report = tokenize_preference_rows(train_rows, tokenizer, **tokenize)
-    val_pairs, val_report = tokenize_preference_rows(val_rows, tokenizer, **tokenize) if val_rows else ([], None)
+    val_pairs, val_report = (
+        tokenize_preference_rows(val_rows, tokenizer, **tokenize) if val_rows else ([], None)
+    )
     if not train_pairs:
         raise ValueError(f"no training pairs left after truncation to task.max_length={cfg.task.max_length}")
 
@@ -155,7 +166,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss = Loss(cfg.optim.loss)
     if loss is Loss.dpo:
         train_pairs = attach_reference_logps(model, train_pairs, collator, cfg.optim.eval_batch_size)
-        val_pairs = attach_reference_logps(model, val_pairs, collator, cfg.optim.eval_batch_size) if val_pairs else []
+        val_pairs = (
+            attach_reference_logps(model, val_pairs, collator, cfg.optim.eval_batch_size) if val_pairs else []
+        )
 
     module = PreferenceModule(
         model,
@@ -180,7 +193,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "data/truncated_pairs": train_report.prompt_truncated + train_report.answer_truncated,
     }
     if loss is not Loss.none:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.ckpt_path)
+        trainer.fit(
+            module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.ckpt_path
+        )
         metrics.update(
             {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
             **{"train/steps": trainer.global_step},

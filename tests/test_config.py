@@ -18,8 +18,16 @@ def _options(group: str) -> list[str]:
 
 
 def _compose_resolved(overrides: list[str]) -> dict:
-    cfg = compose("config", overrides=[*overrides, "task.prefs_path=/data/p.jsonl", "paths.root_dir=/r",
-                                       "paths.output_dir=/r/run"], return_hydra_config=True)
+    cfg = compose(
+        "config",
+        overrides=[
+            *overrides,
+            "task.prefs_path=/data/p.jsonl",
+            "paths.root_dir=/r",
+            "paths.output_dir=/r/run",
+        ],
+        return_hydra_config=True,
+    )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra  # hydra's own node needs a live job to resolve

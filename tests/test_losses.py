@@ -23,7 +23,9 @@ def test_log1mexp_matches_float64_everywhere_including_near_zero():
     x32 = torch.tensor([-1e-9, -1e-7, -1e-6, -1e-4], dtype=torch.float32)
     naive = torch.log(1 - torch.exp(x32))
     assert torch.isinf(naive[0]) and abs(naive[1].item() - torch.log(torch.tensor(1e-7)).item()) > 0.1
-    torch.testing.assert_close(log1mexp(x32).double(), torch.log(-torch.expm1(x32.double())), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        log1mexp(x32).double(), torch.log(-torch.expm1(x32.double())), rtol=1e-5, atol=0
+    )
 
 
 def test_orpo_by_hand():

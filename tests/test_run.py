@@ -13,12 +13,20 @@ import pytest
 import torch
 from peft import PeftModel
 
+from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
 from mint.data.example_prefs import make_example_prefs, write_jsonl
-from mint.run import run
+from mint.optim.module import PreferenceModule
+from mint.run import build_student, run, split_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected"]
+TRL_METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,9 @@ def test_smoke_run_trains_saves_adapter_and_writes_results(make_cfg, prefs_path,
     assert on_disk == results
     assert results["train/steps"] == cfg.trainer.max_steps
     assert "train/loss" in results and "val/loss" in results
-    assert json.loads((run_dir / "student" / "metrics.json").read_text())["train/steps"] == cfg.trainer.max_steps
+    assert (
+        json.loads((run_dir / "student" / "metrics.json").read_text())["train/steps"] == cfg.trainer.max_steps
+    )
     assert "| `val/loss` |" in (run_dir / "results.md").read_text()
     if method in ("orpo", "dpo"):
         assert all(f"train/{m}" in results for m in TRL_METRICS)
@@ -52,7 +62,9 @@ def test_smoke_run_trains_saves_adapter_and_writes_results(make_cfg, prefs_path,
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert (adapter / "tokenizer_config.json").exists()
     # checkpoints keep the trainable weights only (LoRA + the tiny student's embeddings/head)
-    ckpt = torch.load(run_dir / "student" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(
+        run_dir / "student" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu"
+    )
     assert ckpt["state_dict"] and all("lora_" in k or "modules_to_save" in k for k in ckpt["state_dict"])
     assert "optimizer_states" in ckpt and ckpt["global_step"] == cfg.trainer.max_steps
     assert len(_train_losses(run_dir)) == cfg.trainer.max_steps
@@ -78,11 +90,6 @@ def test_alignment_learns_the_toy_preferences(make_cfg, tmp_path, prefs_path, me
 
 def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shared_cache):
     """Reloading the PEFT adapter onto the base gives the validation loss the run reported."""
-    from mint.data import PreferenceCollator, read_preference_rows, tokenize_preference_rows
-    from mint.optim.module import PreferenceModule
-    from mint.run import build_student, split_rows
-    from mint.data import pairs_to_texts
-
     cfg = make_cfg("task=custom", f"task.prefs_path={prefs_path}", "optim=sft", "debug=smoke")
     results = run(cfg)
 
@@ -91,8 +98,9 @@ def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shar
     cfg.optim.loss = "none"  # base model without a fresh adapter
     base, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
     model = PeftModel.from_pretrained(base, Path(cfg.paths.output_dir) / "student" / "adapter").eval()
-    pairs, _ = tokenize_preference_rows(val_rows, tokenizer, max_length=cfg.task.max_length,
-                                        max_prompt_length=cfg.task.max_prompt_length)
+    pairs, _ = tokenize_preference_rows(
+        val_rows, tokenizer, max_length=cfg.task.max_length, max_prompt_length=cfg.task.max_prompt_length
+    )
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(pairs)
     module = PreferenceModule(model, loss="sft").eval()
     with torch.no_grad():
@@ -101,18 +109,34 @@ def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shar
 
 
 def test_qlora_4bit_run_on_cpu(make_cfg, prefs_path):
-    results = run(make_cfg("task=custom", f"task.prefs_path={prefs_path}", "optim=orpo", "quant=nf4",
-                           "debug=smoke", "trainer.max_steps=4"))
+    results = run(
+        make_cfg(
+            "task=custom",
+            f"task.prefs_path={prefs_path}",
+            "optim=orpo",
+            "quant=nf4",
+            "debug=smoke",
+            "trainer.max_steps=4",
+        )
+    )
     assert results["train/steps"] == 4 and results["val/loss"] == pytest.approx(results["val/loss"])
 
 
 def test_same_seed_same_numbers(make_cfg, tmp_path, prefs_path):
-    args = ("task=custom", f"task.prefs_path={prefs_path}", "optim=orpo", "debug=smoke", "trainer.max_steps=6")
+    args = (
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        "optim=orpo",
+        "debug=smoke",
+        "trainer.max_steps=6",
+    )
     first = run(make_cfg(*args, output_dir=tmp_path / "a"))
     second = run(make_cfg(*args, output_dir=tmp_path / "b"))
     other = run(make_cfg(*args, "seed=7", output_dir=tmp_path / "c"))
     drop = {"time/student_s"}
-    assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+    assert {k: v for k, v in first.items() if k not in drop} == {
+        k: v for k, v in second.items() if k not in drop
+    }
     assert first["val/loss"] != other["val/loss"]
 
 
@@ -127,12 +151,39 @@ def test_cli_entry_point_runs_the_default_job(tmp_path):
     """`python -m mint.run` as a user types it (the example set, Hydra's run dir, results printed)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mint.run", "debug=smoke", f"hydra.run.dir={tmp_path}/run",
-         f"paths.log_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mint.run",
+            "debug=smoke",
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train/steps"] == 12
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
     assert "results in" in proc.stderr + proc.stdout
+
+
+def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(make_cfg, tmp_path, prefs_path):
+    args = (
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        "optim=orpo",
+        "debug=smoke",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    )
+    full = run(make_cfg(*args, output_dir=tmp_path / "full"))
+    mid = tmp_path / "full" / "student" / "checkpoints" / "step6.ckpt"
+    assert mid.exists()
+    resumed = run(make_cfg(*args, f"ckpt_path={mid}", output_dir=tmp_path / "resumed"))
+    assert resumed["train/steps"] == full["train/steps"] == 12
+    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
+    assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
