@@ -1,0 +1,81 @@
+"""The stage cache: artifacts keyed by a hash of exactly the config that determines them.
+
+`outputs/cache/<stage>/<key>/` holds one artifact (a trained teacher with its
+rankings, a preference dataset, ...) plus `manifest.json` (the stage, the key,
+the config it was made from, and a sha256 per file). Entries are built in a
+temp folder beside their final place and renamed into it, so a killed run
+leaves no partial entry; on read the manifest is checked, so a damaged entry is
+rebuilt instead of used. A sweep over methods therefore trains one teacher and
+builds one preference set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mint.cache")
+MANIFEST = "manifest.json"
+
+
+def config_key(config: Any) -> str:
+    """16 hex digits of sha256 over the canonical JSON of `config` (plain dicts/lists/scalars)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        sums[str(path.relative_to(folder))] = digest.hexdigest()
+    return sums
+
+
+def verify(entry: Path) -> bool:
+    """True when `entry` has a manifest and every file matches its checksum."""
+    manifest = entry / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return recorded == _checksums(entry)
+
+
+def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) -> Path:
+    """The cache entry of `stage` for `config`, made with `make(folder)` unless a valid one exists."""
+    key = config_key(config)
+    entry = Path(root) / stage / key
+    if entry.is_dir():
+        if verify(entry):
+            log.info("%s: reusing %s", stage, entry)
+            return entry
+        log.warning("%s: cache entry %s fails its manifest check; rebuilding it", stage, entry)
+        shutil.rmtree(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+    try:
+        make(tmp)
+        manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.rename(entry)
+    except OSError:
+        # Another process may have finished the same entry first; theirs is as good.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not verify(entry):
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: built %s", stage, entry)
+    return entry

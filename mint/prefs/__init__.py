@@ -1,0 +1,1 @@
+"""Answer formats and the teacher-rankings -> preference-pairs builder."""

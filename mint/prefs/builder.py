@@ -1,0 +1,145 @@
+"""Teacher rankings -> preference pairs in TRL's conversational format.
+
+For each training sample the prompt is what the *student* sees (the note, or the
+image plus a question), `chosen` is the teacher's top-k labels and `rejected`
+its bottom-q labels (or, with `negatives="hard"`, the labels it ranks just
+below the top-k), each rendered in the task's answer format. The teacher's
+scores of training samples must be out-of-fold (see mint.teacher.stage):
+ranked in-sample, the teacher is always right and `chosen` copies the label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mint.data.task_data import Sample, TaskData
+from mint.prefs.formats import AnswerFormat
+
+Negatives = Literal["bottom", "hard"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    system: str
+    user: str  # str.format template; `{text}` is the sample's text (the note) when the student reads it
+
+    def messages(self, sample: Sample, with_image: bool) -> list[dict[str, Any]]:
+        user_text = self.user.format(text=sample.text)
+        content: Any = [{"type": "image"}, {"type": "text", "text": user_text}] if with_image else user_text
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
+
+
+def choose_labels(
+    order: Sequence[int], truth: int, *, k: int, q: int, negatives: Negatives, force_truth: bool
+) -> tuple[list[int], list[int]]:
+    """(chosen, rejected) label indices from a best-first teacher ordering."""
+    if k + q > len(order):
+        raise ValueError(f"prefs.k={k} + prefs.q={q} exceeds the {len(order)} labels")
+    chosen = list(order[:k])
+    if force_truth and truth not in chosen:
+        chosen[-1] = truth  # the truth takes the weakest chosen slot
+    remaining = [label for label in order if label not in chosen and not (force_truth and label == truth)]
+    if negatives == "bottom":
+        rejected = remaining[-q:][::-1]  # the teacher's least likely first
+    elif negatives == "hard":
+        rejected = remaining[:q]  # just below the top-k: look-alikes
+    else:
+        raise ValueError(f"prefs.negatives={negatives!r}: expected 'bottom' or 'hard'")
+    return chosen, rejected
+
+
+def build_preference_rows(
+    task: TaskData,
+    train_scores: np.ndarray,
+    *,
+    answer: AnswerFormat,
+    prompt: PromptTemplate,
+    q: int,
+    negatives: Negatives = "bottom",
+    force_truth: bool = False,
+    student_sees_image: bool = False,
+) -> list[dict[str, Any]]:
+    """One conversational preference row per training sample, in task.splits['train'] order."""
+    samples = task.splits["train"]
+    if train_scores.shape != (len(samples), len(task.labels)):
+        raise ValueError(
+            f"teacher train scores have shape {train_scores.shape}, expected {(len(samples), len(task.labels))}"
+        )
+    rejected_format = dataclasses.replace(answer, n=q)
+    rows = []
+    for sample, scores in zip(samples, train_scores, strict=True):
+        order = np.argsort(-scores, kind="stable").tolist()
+        chosen, rejected = choose_labels(
+            order, sample.label, k=answer.n, q=q, negatives=negatives, force_truth=force_truth
+        )
+        row: dict[str, Any] = {
+            "id": sample.id,
+            "label": task.labels[sample.label],
+            "prompt": prompt.messages(sample, with_image=student_sees_image),
+            "chosen": [{"role": "assistant", "content": answer.render([task.labels[i] for i in chosen])}],
+            "rejected": [
+                {"role": "assistant", "content": rejected_format.render([task.labels[i] for i in rejected])}
+            ],
+        }
+        if student_sees_image:
+            row["images"] = [sample.image]
+        rows.append(row)
+    return rows
+
+
+def dataset_card(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """A README for the saved dataset: counts, label distribution, one example, the config."""
+    counts = Counter(row["label"] for row in rows)
+    truth_in_chosen = sum(row["label"] in row["chosen"][0]["content"] for row in rows) / max(len(rows), 1)
+    example = {k: v for k, v in rows[0].items() if k != "images"} if rows else {}
+    lines = [
+        "# MINT preference dataset",
+        "",
+        "TRL conversational preference format: `prompt`, `chosen`, `rejected` are message lists.",
+        "`chosen` = the teacher's top-ranked labels, `rejected` = its low-ranked labels (out-of-fold rankings).",
+        "",
+        f"- pairs: {len(rows)}",
+        f"- labels: {len(counts)}",
+        f"- truth inside `chosen`: {truth_in_chosen:.3f}",
+        "",
+        "| label | pairs |",
+        "|---|---|",
+        *[f"| {label} | {n} |" for label, n in sorted(counts.items())],
+        "",
+        "## Example",
+        "",
+        "```json",
+        json.dumps(example, indent=2, default=str),
+        "```",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_preference_dataset(rows: list[dict[str, Any]], folder: Path, config: dict[str, Any]) -> None:
+    """`folder/dataset` (datasets.save_to_disk), `folder/prefs.jsonl`, `folder/README.md`.
+
+    Writes into `folder` directly: callers pass a temp folder (mint.cache.cached) that is renamed when complete.
+    """
+    import datasets  # heavy import, only where a dataset is written
+
+    text_rows = [{k: v for k, v in row.items() if k != "images"} for row in rows]
+    with open(folder / "prefs.jsonl", "w") as f:
+        for row in text_rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    table = datasets.Dataset.from_list(rows if rows and "images" in rows[0] else text_rows)
+    table.save_to_disk(str(folder / "dataset"))
+    (folder / "README.md").write_text(dataset_card(rows, config))

@@ -1,0 +1,61 @@
+"""Teacher rankings become TRL-format preference pairs the spine reads unchanged."""
+
+import datasets
+import numpy as np
+import pytest
+
+from mint.data import read_preference_rows
+from mint.data.task_data import Sample, TaskData
+from mint.prefs.builder import PromptTemplate, build_preference_rows, choose_labels, save_preference_dataset
+from mint.prefs.formats import AnswerFormat
+
+LABELS = [f"Syndrome {c}" for c in "ABCDEFGH"]
+FMT = AnswerFormat("POTENTIAL_DISEASES:", n=3)
+PROMPT = PromptTemplate(system="You are a genetic counselor.", user="Note: {text}\nList 3 diseases.")
+
+
+def _task(n_train=4):
+    train = [Sample(id=f"p{i}", label=i % len(LABELS), text=f"note {i}") for i in range(n_train)]
+    return TaskData("rare_disease", LABELS, {"train": train, "val": [], "test": []})
+
+
+def test_choose_labels_bottom_hard_and_forced_truth():
+    order = [3, 1, 4, 0, 5, 2, 7, 6]  # teacher's best first
+    assert choose_labels(order, truth=3, k=3, q=2, negatives="bottom", force_truth=False) == (
+        [3, 1, 4],
+        [6, 7],
+    )
+    assert choose_labels(order, truth=3, k=3, q=2, negatives="hard", force_truth=False) == ([3, 1, 4], [0, 5])
+    # truth ranked 7th: forced into the last chosen slot and never rejected
+    chosen, rejected = choose_labels(order, truth=7, k=3, q=2, negatives="bottom", force_truth=True)
+    assert chosen == [3, 1, 7] and 7 not in rejected and rejected == [6, 2]
+    with pytest.raises(ValueError, match="exceeds"):
+        choose_labels(order, truth=0, k=5, q=4, negatives="bottom", force_truth=False)
+
+
+def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):
+    task = _task()
+    scores = np.tile(
+        np.arange(len(LABELS), dtype=np.float32)[::-1], (4, 1)
+    )  # teacher prefers A > B > ... > H
+    rows = build_preference_rows(task, scores, answer=FMT, prompt=PROMPT, q=2)
+    assert (
+        rows[0]["chosen"][0]["content"]
+        == "POTENTIAL_DISEASES:\n1. 'Syndrome A'\n2. 'Syndrome B'\n3. 'Syndrome C'"
+    )
+    assert rows[0]["rejected"][0]["content"] == "POTENTIAL_DISEASES:\n1. 'Syndrome H'\n2. 'Syndrome G'"
+    assert rows[2]["prompt"][1]["content"] == "Note: note 2\nList 3 diseases."
+    assert [r["label"] for r in rows] == ["Syndrome A", "Syndrome B", "Syndrome C", "Syndrome D"]
+
+    save_preference_dataset(rows, tmp_path, config={"k": 3, "q": 2})
+    loaded = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert loaded.column_names[:5] == ["id", "label", "prompt", "chosen", "rejected"]
+    assert loaded[0]["prompt"][0] == {"role": "system", "content": "You are a genetic counselor."}
+    assert read_preference_rows(tmp_path / "prefs.jsonl")[1]["chosen"] == rows[1]["chosen"]
+    card = (tmp_path / "README.md").read_text()
+    assert "- pairs: 4" in card and "| Syndrome A | 1 |" in card and '"q": 2' in card
+
+
+def test_wrong_score_shape_is_refused():
+    with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \(4, 8\)"):
+        build_preference_rows(_task(), np.zeros((4, 3)), answer=FMT, prompt=PROMPT, q=2)
