@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -182,29 +183,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     train_loader, val_loader = make_loaders(train_pairs, val_pairs, collator, cfg.optim, cfg.seed)
     callbacks = build_callbacks(cfg, training=loss is not Loss.none)
+    loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks, default_root_dir=str(stage_dir)
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(stage_dir)
     )
-
     metrics: dict[str, Any] = {
         "data/train_pairs": len(train_pairs),
         "data/val_pairs": len(val_pairs),
         "data/dropped_pairs": train_report.dropped + (val_report.dropped if val_report else 0),
         "data/truncated_pairs": train_report.prompt_truncated + train_report.answer_truncated,
     }
-    if loss is not Loss.none:
-        trainer.fit(
-            module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.ckpt_path
-        )
-        metrics.update(
-            {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-            **{"train/steps": trainer.global_step},
-        )
-        save_adapter(model, tokenizer, stage_dir / "adapter")
-    if val_loader is not None:
-        module.eval()
-        for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
-            metrics.update(result)
+    try:
+        if loss is not Loss.none:
+            trainer.fit(
+                module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.ckpt_path
+            )
+            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+            metrics["train/steps"] = trainer.global_step
+            save_adapter(model, tokenizer, stage_dir / "adapter")
+        if val_loader is not None:
+            for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
+                metrics.update(result)
+    finally:
+        # Close W&B runs here: a Hydra sweep runs its jobs in one process, and an
+        # open run would swallow the next job's metrics.
+        for lg in loggers:
+            if isinstance(lg, WandbLogger):
+                lg.experiment.finish()
     metrics["time/student_s"] = time.time() - started
 
     write_metrics(stage_dir / "metrics.json", metrics)

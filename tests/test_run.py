@@ -225,3 +225,20 @@ def test_any_local_llama_folder_as_student(make_cfg, tmp_path, prefs_path):
         (tmp_path / "run" / "student" / "adapter" / "adapter_config.json").read_text()
     )
     assert adapter_config["base_model_name_or_path"] == str(folder)
+
+
+def test_wandb_logger_writes_an_offline_run(make_cfg, tmp_path, prefs_path, monkeypatch):
+    """The default logger of `make run`: W&B offline, files inside the run folder, no key needed."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg(
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        "debug=smoke",
+        "logger=wandb",
+        "trainer.max_steps=2",
+        output_dir=tmp_path / "run",
+    )
+    run(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
