@@ -1,0 +1,64 @@
+"""Batched answer generation for the held-out split (what a user of the student sees).
+
+Greedy decoding is the default, so the same seed gives the same answers; the
+paper's sampling settings (temperature 0.8, top_p 0.8, top_k 10 for rare disease)
+are a config away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    batch_size: int = 8
+
+    def generation_config(self, tokenizer: Any) -> GenerationConfig:
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **(sampling if self.do_sample else {}),
+        )
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict]], settings: DecodingSettings
+) -> list[str]:
+    """One answer per conversational prompt (message list), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    config = settings.generation_config(tokenizer)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
+            texts = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                for p in prompts[start : start + settings.batch_size]
+            ]
+            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
+                model.device
+            )
+            output = model.generate(**batch, generation_config=config)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
