@@ -19,9 +19,12 @@ from omegaconf import MISSING, OmegaConf
 
 
 class Stage(StrEnum):
-    # teacher / prefs / eval stages arrive with the pipeline and evaluation issues
-    all = "all"
-    student = "student"
+    """Where a run stops: each stage reads the one before from the cache."""
+
+    all = "all"  # data -> teacher -> prefs -> student -> eval
+    teacher = "teacher"  # stop after the teacher (train it or find it in the cache)
+    prefs = "prefs"  # stop after the preference dataset
+    student = "student"  # train the student, skip generation on the test split
 
 
 class Loss(StrEnum):
@@ -63,6 +66,64 @@ class CustomTaskConfig:
     prompt_truncation: PromptTruncation = PromptTruncation.keep_end
     # When set and prefs_path does not exist yet, the example set is generated there.
     example: ExamplePrefsConfig | None = None
+
+
+@dataclass
+class AnswerConfig:
+    header: str = MISSING  # e.g. "POTENTIAL_DISEASES:"
+    n: int = MISSING  # names per answer: the teacher's top-k that become `chosen`
+
+
+@dataclass
+class PromptConfig:
+    system: str = MISSING
+    user: str = MISSING  # `{text}` is replaced by the sample's text (the note) for a text student
+
+
+@dataclass
+class PrefsConfig:
+    q: int = 10  # names in `rejected`
+    negatives: str = "bottom"  # bottom: the teacher's least likely (the paper); hard: ranks k+1..k+q
+    force_truth: bool = False  # put the true label into `chosen` when the teacher missed it
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 512
+    do_sample: bool = False  # greedy by default: same seed, same answers
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    batch_size: int = 16
+    max_samples: int | None = None  # evaluate the first N test samples (debug)
+    n_boot: int = 1000  # bootstrap resamples for the 95% CIs
+
+
+@dataclass
+class PipelineTaskConfig:
+    """A MINT task: data source -> teacher -> preference pairs -> student -> evaluation."""
+
+    name: str = MISSING
+    source: Any = MISSING  # `_target_` node returning a mint.data.task_data.TaskData
+    student_modality: str = "text"  # what the student sees: text (the note) or image
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_samples: int | None = None  # train the student on the first N preference pairs (debug)
+    max_length: int = 1024
+    max_prompt_length: int = 768
+    prompt_truncation: PromptTruncation = PromptTruncation.keep_end
+
+
+@dataclass
+class TeacherConfig:
+    model: Any = MISSING  # `_partial_` node: called with the TaskData, returns the teacher LightningModule
+    folds: int = 5  # cross-fitting folds for out-of-fold training rankings (< 2: in-sample, debugging only)
+    batch_size: int = 64
+    patience: int = 5  # early stopping on validation top-k
+    fit_threads: int | None = 1  # torch threads while fitting small teachers; null for CNN/GPU teachers
+    trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments for each fit
 
 
 @dataclass
@@ -133,7 +194,8 @@ class PathsConfig:
 
 @dataclass
 class MintConfig:
-    task: Any = MISSING  # each task's YAML extends its own schema (CustomTaskConfig, ...)
+    task: Any = MISSING  # each task's YAML extends its own schema (CustomTaskConfig, PipelineTaskConfig)
+    teacher: TeacherConfig | None = None  # used by pipeline tasks only
     optim: OptimConfig = MISSING
     student: StudentConfig = MISSING
     trainer: TrainerConfig = MISSING
@@ -160,6 +222,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="mint_schema", node=MintConfig)
     cs.store(group="task", name="custom_schema", node=CustomTaskConfig)
+    cs.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
+    cs.store(group="teacher", name="teacher_schema", node=TeacherConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="student", name="student_schema", node=StudentConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)

@@ -29,8 +29,10 @@ def test_choose_labels_bottom_hard_and_forced_truth():
     # truth ranked 7th: forced into the last chosen slot and never rejected
     chosen, rejected = choose_labels(order, truth=7, k=3, q=2, negatives="bottom", force_truth=True)
     assert chosen == [3, 1, 7] and 7 not in rejected and rejected == [6, 2]
+    # without forcing, a truth the teacher ranks last stays out of both lists
+    assert choose_labels(order, truth=6, k=3, q=2, negatives="bottom", force_truth=False) == ([3, 1, 4], [7, 2])
     with pytest.raises(ValueError, match="exceeds"):
-        choose_labels(order, truth=0, k=5, q=4, negatives="bottom", force_truth=False)
+        choose_labels(order, truth=0, k=5, q=3, negatives="bottom", force_truth=False)
 
 
 def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):

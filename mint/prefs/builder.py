@@ -40,12 +40,14 @@ def choose_labels(
     order: Sequence[int], truth: int, *, k: int, q: int, negatives: Negatives, force_truth: bool
 ) -> tuple[list[int], list[int]]:
     """(chosen, rejected) label indices from a best-first teacher ordering."""
-    if k + q > len(order):
-        raise ValueError(f"prefs.k={k} + prefs.q={q} exceeds the {len(order)} labels")
+    if k + q + 1 > len(order):  # + 1: the truth, which is never rejected
+        raise ValueError(f"task.answer.n={k} + task.prefs.q={q} + 1 exceeds the {len(order)} labels")
     chosen = list(order[:k])
     if force_truth and truth not in chosen:
         chosen[-1] = truth  # the truth takes the weakest chosen slot
-    remaining = [label for label in order if label not in chosen and not (force_truth and label == truth)]
+    # The truth is never a negative: the teacher may rank it low, but penalising the
+    # right answer would teach the student the teacher's mistakes as certainties.
+    remaining = [label for label in order if label not in chosen and label != truth]
     if negatives == "bottom":
         rejected = remaining[-q:][::-1]  # the teacher's least likely first
     elif negatives == "hard":

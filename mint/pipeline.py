@@ -1,0 +1,170 @@
+"""The MINT stages before and after the student: data -> teacher -> preference pairs, and evaluation.
+
+Each artifact stage goes through the stage cache (mint.cache), keyed by exactly
+the config that determines it: the teacher by the data's fingerprint, the
+teacher config and the seed; the preference set by the teacher's key and the
+prompt/answer/pair settings. A sweep over `optim=` therefore trains one
+teacher and builds one preference set, and every method trains on the same pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mint.cache import cached, config_key
+from mint.data.task_data import TaskData
+from mint.eval.answers import answer_metrics
+from mint.eval.generate import DecodingSettings, generate_answers
+from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
+from mint.prefs.formats import AnswerFormat
+from mint.report import write_atomic
+from mint.teacher.stage import TeacherResult, run_teacher_stage
+
+log = logging.getLogger("mint")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def is_pipeline_task(task: DictConfig) -> bool:
+    return "source" in task
+
+
+def load_task(cfg: DictConfig) -> TaskData:
+    task = instantiate(cfg.task.source, _convert_="all")
+    if not isinstance(task, TaskData):
+        raise TypeError(
+            f"task.source ({cfg.task.source._target_}) returned {type(task).__name__}, not TaskData"
+        )
+    return task
+
+
+def answer_format(cfg: DictConfig) -> AnswerFormat:
+    return AnswerFormat(header=cfg.task.answer.header, n=cfg.task.answer.n)
+
+
+def prompt_template(cfg: DictConfig) -> PromptTemplate:
+    return PromptTemplate(system=cfg.task.prompt.system, user=cfg.task.prompt.user)
+
+
+# --- teacher ----------------------------------------------------------------------
+def teacher_key_config(cfg: DictConfig, task: TaskData) -> dict[str, Any]:
+    return {
+        "data": task.fingerprint(),
+        "teacher": _plain(cfg.teacher),
+        "k": cfg.task.answer.n,
+        "seed": cfg.seed,
+    }
+
+
+def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
+    """The trained teacher's scores for every split (train: out-of-fold), from the cache when there."""
+    key_config = teacher_key_config(cfg, task)
+
+    def make(folder: Path) -> None:
+        run_teacher_stage(
+            task,
+            make_teacher=instantiate(cfg.teacher.model, _convert_="all"),
+            trainer_kwargs=_plain(cfg.teacher.trainer),
+            batch_size=cfg.teacher.batch_size,
+            folds=cfg.teacher.folds,
+            k=cfg.task.answer.n,
+            out_dir=folder / "teacher",
+            seed=cfg.seed,
+            patience=cfg.teacher.patience,
+            fit_threads=cfg.teacher.fit_threads,
+        )
+
+    entry = cached(Path(cfg.paths.cache_dir), "teacher", key_config, make)
+    return TeacherResult.load(entry / "teacher"), config_key(key_config)
+
+
+# --- preference pairs ---------------------------------------------------------------
+def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher_key: str) -> Path:
+    """`train.jsonl` (out-of-fold teacher rankings) and `val.jsonl`, plus the HF dataset and its card."""
+    settings = {
+        "teacher": teacher_key,
+        "answer": _plain(cfg.task.answer),
+        "prompt": _plain(cfg.task.prompt),
+        "prefs": _plain(cfg.task.prefs),
+        "student_modality": cfg.task.student_modality,
+    }
+    if cfg.task.student_modality != "text":
+        raise NotImplementedError(
+            "task.student_modality=image: image-prompt preference training is not wired yet (see issue 4/5)"
+        )
+
+    def rows_for(split: str) -> list[dict[str, Any]]:
+        split_task = TaskData(
+            task.name, task.labels, {**{s: [] for s in task.splits}, "train": task.splits[split]}
+        )
+        return build_preference_rows(
+            split_task,
+            teacher.scores[split],
+            answer=answer_format(cfg),
+            prompt=prompt_template(cfg),
+            q=cfg.task.prefs.q,
+            negatives=cfg.task.prefs.negatives,
+            force_truth=cfg.task.prefs.force_truth,
+        )
+
+    def make(folder: Path) -> None:
+        save_preference_dataset(rows_for("train"), folder, config=settings)
+        with open(folder / "val.jsonl", "w") as f:
+            for row in rows_for("val"):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return cached(Path(cfg.paths.cache_dir), "prefs", settings, make)
+
+
+# --- evaluation ---------------------------------------------------------------------
+def eval_stage(
+    cfg: DictConfig,
+    task: TaskData,
+    teacher: TeacherResult,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+) -> dict[str, float]:
+    """Generate answers for the test split, parse them, score them; write predictions.jsonl."""
+    settings = cfg.task.eval
+    samples = task.splits["test"][: settings.max_samples]
+    template, fmt = prompt_template(cfg), answer_format(cfg)
+    prompts = [template.messages(s, with_image=False) for s in samples]
+    answers = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        DecodingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            batch_size=settings.batch_size,
+        ),
+    )
+    ranked = teacher.ranked_indices("test")[: len(samples)]
+    teacher_top = [[task.labels[j] for j in row[: fmt.n]] for row in ranked]
+    teacher_bottom = [[task.labels[j] for j in row[-cfg.task.prefs.q :]] for row in ranked]
+    metrics, records = answer_metrics(
+        answers,
+        [task.labels[s.label] for s in samples],
+        task.labels,
+        fmt,
+        teacher_top=teacher_top,
+        teacher_bottom=teacher_bottom,
+        n_boot=settings.n_boot,
+        seed=cfg.seed,
+    )
+    lines = [json.dumps({"id": s.id, **r}, ensure_ascii=False) for s, r in zip(samples, records, strict=True)]
+    write_atomic(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    return metrics

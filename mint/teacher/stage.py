@@ -1,0 +1,447 @@
+"""The generic teacher stage: fit a teacher, rank every label for every sample, save it all.
+
+Any `TeacherModule` runs through `run_teacher_stage`: the rare-disease fusion
+teacher, the tissue CLIP-style teacher. It returns (and writes to `out_dir`)
+a score matrix [N, C] per split. Training-split scores are cross-fitted: each
+training sample is scored by a teacher that never saw it, because ranked
+in-sample the teacher is right ~100% of the time and the preference builder's
+`chosen` would collapse into a copy of the label (DESIGN.md, lesson 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from mint.data.task_data import SPLITS, Sample, TaskData
+from mint.teacher.metrics import ranking_metrics, ranks
+
+log = logging.getLogger(__name__)
+
+# What a teacher fit gets unless trainer_kwargs says otherwise. Our own bar (one per
+# fold) replaces Lightning's per-epoch bars; sanity validation would only cost time.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 40,
+    "deterministic": True,
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+}
+
+
+class DictDataset(Dataset):
+    """Columns of equal length (tensors or lists) -> one dict per row; default_collate batches them."""
+
+    def __init__(self, columns: dict[str, torch.Tensor | list[Any]]) -> None:
+        lengths = {name: len(column) for name, column in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns differ in length: {lengths}")
+        self.columns = columns
+        self.length = next(iter(lengths.values()), 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {name: column[index] for name, column in self.columns.items()}
+
+
+class TeacherModule(L.LightningModule):
+    """What `run_teacher_stage` needs from a teacher.
+
+    Subclasses implement `forward(batch) -> logits [B, C]` (C = number of labels,
+    higher = more likely) and `make_dataset(samples)` whose rows carry a `label`
+    column. `make_dataset` must depend on the teacher's configuration only, not on
+    its weights: the stage builds each split's dataset once and reuses it for every
+    fold's fresh teacher. The default training loss is cross-entropy; a contrastive
+    teacher overrides `training_step`.
+    """
+
+    eval_k: int = 10  # the task's list length; the stage sets it before fitting
+
+    def make_dataset(self, samples: Sequence[Sample]) -> Dataset:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch), batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self(batch)
+        labels = batch["label"]
+        rank = torch.from_numpy(ranks(logits.float().cpu().numpy(), labels.cpu().numpy())).float()
+        n = len(labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=n)
+        self.log("val/top1", (rank <= 1).float().mean(), batch_size=n)
+        self.log("val/topk", (rank <= self.eval_k).float().mean(), batch_size=n)
+        self.log("val/mrr", (1.0 / rank).mean(), batch_size=n)
+        # Top-10 of 30 saturates at 1.0 within an epoch or two, and early stopping on it alone
+        # would keep that undertrained epoch. Breaking ties by MRR keeps selection on top-k
+        # (an MRR change moves the sum by < 1e-4, less than one val sample's top-k hit).
+        self.log(
+            "val/topk_then_mrr",
+            (rank <= self.eval_k).float().mean() + 1e-4 * (1.0 / rank).mean(),
+            batch_size=n,
+        )
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self(batch).float()
+
+
+def adamw_cosine(
+    module: L.LightningModule, params: Iterable[Any], lr: float, weight_decay: float
+) -> dict[str, Any]:
+    """AdamW over `params` (tensors or param groups) with a per-step cosine decay over the whole fit.
+
+    Returns Lightning's configure_optimizers shape; call it from there (it reads the trainer).
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(int(module.trainer.estimated_stepping_batches), 1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> np.ndarray:
+    """Fold index per sample; each class is shuffled and dealt round-robin across folds.
+
+    The deal continues where the previous class stopped, so fold sizes stay
+    balanced even when classes have fewer members than there are folds.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        out[members] = (np.arange(len(members)) + offset) % folds
+        offset += len(members)
+    return out
+
+
+@dataclass
+class TeacherResult:
+    """A finished teacher stage: per-split scores [N, C] in task.splits order, ids, metrics."""
+
+    out_dir: Path
+    labels: list[str]
+    ids: dict[str, list[str]]
+    targets: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    checkpoint: Path
+
+    def ranked_indices(self, split: str) -> np.ndarray:
+        """[N, C] label indices, best first (stable: ties keep label order)."""
+        return np.argsort(-self.scores[split], axis=1, kind="stable")
+
+    def ranked_labels(self, split: str, i: int) -> list[str]:
+        """Every label name for sample i of `split`, best first."""
+        order = np.argsort(-self.scores[split][i], kind="stable")
+        return [self.labels[j] for j in order]
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> TeacherResult:
+        out_dir = Path(out_dir)
+        return cls(
+            out_dir=out_dir,
+            labels=json.loads((out_dir / "labels.json").read_text()),
+            ids={s: json.loads((out_dir / f"ids_{s}.json").read_text()) for s in SPLITS},
+            targets={s: np.load(out_dir / f"targets_{s}.npy") for s in SPLITS},
+            scores={s: np.load(out_dir / f"scores_{s}.npy") for s in SPLITS},
+            metrics=json.loads((out_dir / "metrics.json").read_text()),
+            checkpoint=out_dir / "teacher.ckpt",
+        )
+
+
+class _FoldBar(Callback):
+    """One tqdm bar per fit, advanced per epoch, showing the monitored metric."""
+
+    def __init__(self, desc: str, monitor: str) -> None:
+        self.desc = desc
+        self.monitor = monitor
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self.bar = tqdm(total=total, desc=self.desc, unit="epoch", leave=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None and not trainer.sanity_checking:
+            self.bar.update(1)
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None:
+                self.bar.set_postfix({self.monitor: f"{float(value):.3f}"})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence the per-Trainer banner and the few-workers warnings: the stage builds up to 6 Trainers."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PossibleUserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class _FitSpec:
+    make_teacher: Callable[[TaskData], TeacherModule]
+    trainer_kwargs: dict[str, Any]
+    batch_size: int
+    k: int
+    patience: int
+    monitor: str
+
+
+def _fit(
+    spec: _FitSpec, task: TaskData, train: Dataset, val: Dataset, *, seed: int, ckpt_dir: Path, desc: str
+) -> tuple[TeacherModule, L.Trainer, Path]:
+    """Fit a fresh teacher on `train`, early-stopped on `val`, and restore its best epoch."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    teacher = spec.make_teacher(task)
+    teacher.eval_k = spec.k
+    kwargs = TRAINER_DEFAULTS | spec.trainer_kwargs
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=spec.monitor,
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+    )
+    callbacks = [
+        EarlyStopping(monitor=spec.monitor, mode="max", patience=spec.patience),
+        checkpoint,
+        _FoldBar(desc, spec.monitor),
+        *kwargs.pop("callbacks", []),
+    ]
+    trainer = L.Trainer(**kwargs, callbacks=callbacks)
+    generator = torch.Generator().manual_seed(seed)
+    # A last batch of one sample would break BatchNorm in a CNN branch; dropping it costs nothing.
+    drop_last = len(train) % spec.batch_size == 1
+    train_loader = DataLoader(
+        train, batch_size=spec.batch_size, shuffle=True, generator=generator, drop_last=drop_last
+    )
+    val_loader = DataLoader(val, batch_size=spec.batch_size)
+    trainer.fit(teacher, train_loader, val_loader)
+    best = Path(checkpoint.best_model_path)
+    state = torch.load(best, map_location=teacher.device, weights_only=False)["state_dict"]
+    teacher.load_state_dict(state)
+    log.info(
+        "%s: %d epochs, best %s=%.4f", desc, trainer.current_epoch, spec.monitor, checkpoint.best_model_score
+    )
+    return teacher, trainer, best
+
+
+def _predict(
+    teacher: TeacherModule, trainer: L.Trainer, data: Dataset, batch_size: int, n_labels: int
+) -> np.ndarray:
+    if len(data) == 0:
+        return np.zeros((0, n_labels), dtype=np.float32)
+    outputs = trainer.predict(teacher, DataLoader(data, batch_size=batch_size))
+    return torch.cat(outputs).cpu().numpy().astype(np.float32)
+
+
+def _crossfit(
+    spec: _FitSpec,
+    task: TaskData,
+    data: dict[str, Dataset],
+    train_labels: list[int],
+    folds: int,
+    *,
+    seed: int,
+    workdir: Path,
+) -> np.ndarray:
+    """Out-of-fold scores [N_train, C]: each fold scored by a fresh teacher fit on the other folds."""
+    fold_of = stratified_folds(train_labels, folds, seed)
+    oof = np.zeros((len(train_labels), len(task.labels)), dtype=np.float32)
+    for fold in range(folds):
+        held_out = np.flatnonzero(fold_of == fold)
+        kept = np.flatnonzero(fold_of != fold)
+        log.info(
+            "teacher: cross-fit fold %d/%d (fit %d, score %d)", fold + 1, folds, len(kept), len(held_out)
+        )
+        teacher, trainer, _ = _fit(
+            spec,
+            task,
+            Subset(data["train"], kept.tolist()),
+            data["val"],
+            seed=seed + 1 + fold,
+            ckpt_dir=workdir / f"fit_fold{fold}",
+            desc=f"teacher fold {fold + 1}/{folds}",
+        )
+        held = Subset(data["train"], held_out.tolist())
+        oof[held_out] = _predict(teacher, trainer, held, spec.batch_size, len(task.labels))
+        shutil.rmtree(workdir / f"fit_fold{fold}", ignore_errors=True)
+    return oof
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished tmp folder to out_dir in one rename, replacing any previous result."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def run_teacher_stage(
+    task: TaskData,
+    *,
+    make_teacher: Callable[[TaskData], TeacherModule],
+    trainer_kwargs: dict[str, Any],
+    batch_size: int,
+    folds: int = 5,
+    k: int,
+    out_dir: str | Path,
+    seed: int,
+    patience: int = 5,
+    monitor: str = "val/topk_then_mrr",
+    n_boot: int = 1000,
+    fit_threads: int | None = 1,
+) -> TeacherResult:
+    """Train the teacher on train (early-stopped on val), score every split, save into out_dir.
+
+    - val / test scores: the teacher fit on all of train, restored to its best `monitor` epoch
+      (default: val top-k, ties broken by val MRR; any logged `val/...` maximised works).
+    - train scores: cross-fitted over `folds` stratified folds; each fold is scored by a fresh
+      teacher fit on the other folds (early-stopped on the same val split). `folds` 0 or 1
+      scores train in-sample with the full teacher: wrong for MINT (near-100% top-1), kept
+      only for debugging.
+    - k is the task's list length (10 rare disease, 5 tissue): `val/topk` and `teacher/*/topk`.
+    - fit_threads: torch intra-op threads while fitting and scoring (None: leave the process
+      setting). 1 suits the small MLP/attention teachers on shared CPUs: a second thread only
+      adds synchronisation (measured ~7x slower tests on 2 busy cores). Featurizing (MiniLM)
+      keeps the process setting. Use None for CNN or trainable-text teachers and on GPUs.
+    Writes atomically: a temp folder next to out_dir, renamed into place when complete.
+    """
+    if not task.splits["val"] or not task.splits["train"]:
+        raise ValueError(
+            f"teacher stage on {task.name!r} needs train and val samples (val drives early stopping)"
+        )
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    spec = _FitSpec(make_teacher, dict(trainer_kwargs), batch_size, k, patience, monitor)
+    n_labels = len(task.labels)
+    try:
+        with _quiet_lightning():
+            clock = time.perf_counter()
+            featurizer = make_teacher(task)
+            data = {split: featurizer.make_dataset(task.splits[split]) for split in SPLITS}
+            del featurizer
+            timings = {"featurize_s": time.perf_counter() - clock}
+
+            with _torch_threads(fit_threads):
+                clock = time.perf_counter()
+                log.info("teacher: fitting on all %d training samples", len(data["train"]))
+                teacher, trainer, best = _fit(
+                    spec,
+                    task,
+                    data["train"],
+                    data["val"],
+                    seed=seed,
+                    ckpt_dir=tmp / "fit_full",
+                    desc="teacher full",
+                )
+                scores = {
+                    split: _predict(teacher, trainer, data[split], batch_size, n_labels)
+                    for split in ("val", "test")
+                }
+                epochs_full = trainer.current_epoch
+                best.rename(tmp / "teacher.ckpt")
+                timings["fit_full_s"] = time.perf_counter() - clock
+
+                clock = time.perf_counter()
+                train_labels = [s.label for s in task.splits["train"]]
+                if folds >= 2:
+                    scores["train"] = _crossfit(spec, task, data, train_labels, folds, seed=seed, workdir=tmp)
+                else:
+                    log.warning(
+                        "teacher: folds=%d scores TRAIN IN-SAMPLE; rankings will be near-perfect", folds
+                    )
+                    scores["train"] = _predict(teacher, trainer, data["train"], batch_size, n_labels)
+                timings["crossfit_s"] = time.perf_counter() - clock
+            shutil.rmtree(tmp / "fit_full", ignore_errors=True)
+
+        targets = {split: np.array([s.label for s in task.splits[split]], dtype=np.int64) for split in SPLITS}
+        metrics: dict[str, float] = {
+            "teacher/k": k,
+            "teacher/folds": folds,
+            "teacher/epochs_full": epochs_full,
+        }
+        for split, prefix in (
+            ("val", "teacher/val"),
+            ("test", "teacher/test"),
+            ("train", "teacher/train_oof"),
+        ):
+            if len(targets[split]):
+                metrics |= ranking_metrics(scores[split], targets[split], k, prefix, n_boot=n_boot, seed=seed)
+        timings["total_s"] = time.perf_counter() - started
+        metrics |= {f"teacher/time/{name}": round(value, 3) for name, value in timings.items()}
+
+        for split in SPLITS:
+            np.save(tmp / f"scores_{split}.npy", scores[split])
+            np.save(tmp / f"targets_{split}.npy", targets[split])
+            (tmp / f"ids_{split}.json").write_text(json.dumps([s.id for s in task.splits[split]]))
+        (tmp / "labels.json").write_text(json.dumps(task.labels))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "teacher: test top1=%.3f top%d=%.3f, train OOF top1=%.3f, %.1fs",
+        metrics.get("teacher/test/top1", float("nan")),
+        k,
+        metrics.get("teacher/test/topk", float("nan")),
+        metrics.get("teacher/train_oof/top1", float("nan")),
+        timings["total_s"],
+    )
+    return TeacherResult.load(out_dir)
