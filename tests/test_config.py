@@ -18,16 +18,11 @@ def _options(group: str) -> list[str]:
 
 
 def _compose_resolved(overrides: list[str]) -> dict:
-    cfg = compose(
-        "config",
-        overrides=[
-            *overrides,
-            "task.prefs_path=/data/p.jsonl",
-            "paths.root_dir=/r",
-            "paths.output_dir=/r/run",
-        ],
-        return_hydra_config=True,
-    )
+    # the custom task needs a dataset path; pipeline tasks make their own data
+    needs_path = any(o == "task=custom" for o in overrides)
+    extra = ["task.prefs_path=/data/p.jsonl"] if needs_path else []
+    cfg = compose("config", overrides=[*overrides, *extra, "paths.root_dir=/r", "paths.output_dir=/r/run"],
+                  return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra  # hydra's own node needs a live job to resolve
@@ -39,8 +34,9 @@ def test_every_config_combination_composes_and_resolves():
     # composed; trainer/logger/debug/experiment only add their own keys, so every
     # combination of those is composed once against the defaults.
     interacting = {g: _options(g) for g in ["task", "optim", "student", "quant"]}
-    independent = {g: _options(g) for g in ["trainer", "logger"]}
-    extras = [[], ["debug=smoke"]] + [[f"experiment={e}"] for e in _options("experiment")]
+    independent = {g: _options(g) for g in ["trainer", "logger", "teacher"]}
+    extras = [[], ["debug=smoke"], ["task=rare_disease", "debug=smoke"]]
+    extras += [[f"experiment={e}"] for e in _options("experiment")]
     GlobalHydra.instance().clear()
     composed = 0
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -95,3 +91,13 @@ def test_paper_student_settings():
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (256, 128, 0.05, "all-linear")
     assert cfg.student.quantization.bnb_4bit_quant_type == "nf4"
     assert cfg.student.quantization.bnb_4bit_use_double_quant is True
+
+
+def test_debug_smoke_also_shrinks_the_pipeline_task():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        full = compose("config", overrides=["task=rare_disease"])
+        smoke = compose("config", overrides=["task=rare_disease", "debug=smoke"])
+    assert full.task.source.n_diseases == 30 and full.teacher.folds == 5
+    assert smoke.task.source.n_diseases < full.task.source.n_diseases
+    assert smoke.teacher.folds == 2 and smoke.trainer.max_steps == 12
