@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mint.config import Loss, register_configs
+from mint.config import Loss, Stage, register_configs
 from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
 from mint.data.example_prefs import make_example_prefs, write_jsonl
 from mint.optim.module import PreferenceModule
+from mint.optim.packing import LengthGroupedSampler, PackedPreferenceCollator, packed_length
 from mint.optim.reference import attach_reference_logps
+from mint.pipeline import eval_stage, is_pipeline_task, load_task, prefs_stage, teacher_stage
 from mint.report import markdown_table, write_metrics, write_results
 from mint.student import load_student
 
@@ -97,13 +99,26 @@ def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, 
     )
 
 
-def make_loaders(train: list, val: list, collator: PreferenceCollator, optim: DictConfig, seed: int):
+def make_loaders(
+    train: list,
+    val: list,
+    collator: PreferenceCollator | PackedPreferenceCollator,
+    optim: DictConfig,
+    seed: int,
+    length_grouped: bool = False,
+):
     # StatefulDataLoader saves its position and shuffling state in Lightning's
     # checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = StatefulDataLoader(
-        train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator
-    )
+    if length_grouped:  # similar lengths in a batch: less padding (the sampler is stateful too)
+        sampler = LengthGroupedSampler([packed_length(p) for p in train], optim.batch_size, seed=seed)
+        train_loader = StatefulDataLoader(
+            train, batch_size=optim.batch_size, sampler=sampler, collate_fn=collator
+        )
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = StatefulDataLoader(
+            train, batch_size=optim.batch_size, shuffle=True, collate_fn=collator, generator=generator
+        )
     val_loader = (
         DataLoader(val, batch_size=optim.eval_batch_size, shuffle=False, collate_fn=collator) if val else None
     )
@@ -139,16 +154,12 @@ def save_adapter(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
 
 
 # --- the run ----------------------------------------------------------------------
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs the configured stages and returns the flat results dict."""
+def student_stage(
+    cfg: DictConfig, train_rows: list[dict], val_rows: list[dict], stage_dir: Path
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Align the student on preference rows (or leave it as is for optim=none); save its adapter."""
     started = time.time()
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.paths.output_dir)
-    stage_dir = run_dir / "student"
     stage_dir.mkdir(parents=True, exist_ok=True)
-
-    rows = load_rows(cfg.task)
-    train_rows, val_rows = split_rows(rows, cfg.task.val_fraction, cfg.seed)
     model, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
 
     tokenize = dict(
@@ -163,7 +174,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not train_pairs:
         raise ValueError(f"no training pairs left after truncation to task.max_length={cfg.task.max_length}")
 
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    # Packed rows [prompt, chosen, rejected] encode each prompt once (mint/optim/packing.py).
+    packed = bool(cfg.optim.get("packed", True))
+    collator = (
+        PackedPreferenceCollator(tokenizer.pad_token_id)
+        if packed
+        else PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    )
     loss = Loss(cfg.optim.loss)
     if loss is Loss.dpo:
         train_pairs = attach_reference_logps(model, train_pairs, collator, cfg.optim.eval_batch_size)
@@ -180,8 +197,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.optim.optimizer) if cfg.optim.optimizer is not None else None,
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
         warmup_ratio=cfg.optim.warmup_ratio,
+        packed=packed,
     )
-    train_loader, val_loader = make_loaders(train_pairs, val_pairs, collator, cfg.optim, cfg.seed)
+    train_loader, val_loader = make_loaders(
+        train_pairs, val_pairs, collator, cfg.optim, cfg.seed, length_grouped=packed
+    )
     callbacks = build_callbacks(cfg, training=loss is not Loss.none)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(
@@ -211,11 +231,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if isinstance(lg, WandbLogger):
                 lg.experiment.finish()
     metrics["time/student_s"] = time.time() - started
-
     write_metrics(stage_dir / "metrics.json", metrics)
-    flat = write_results(run_dir, metrics, title=f"MINT run {cfg.run_name}")
-    log.info("results in %s\n%s", run_dir, markdown_table(flat))
+    return model, tokenizer, metrics
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the configured stages and returns the flat results dict (also in results.json)."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    stage = Stage(cfg.stage)
+    results: dict[str, Any] = {}
+    pipeline = is_pipeline_task(cfg.task)
+    if pipeline:
+        task = load_task(cfg)
+        teacher, teacher_key = teacher_stage(cfg, task)
+        results.update(teacher.metrics)
+        write_metrics(run_dir / "teacher" / "metrics.json", teacher.metrics)
+        if stage is not Stage.teacher:
+            prefs_dir = prefs_stage(cfg, task, teacher, teacher_key)
+            log.info("preference dataset: %s", prefs_dir)
+            train_rows = read_preference_rows(prefs_dir / "prefs.jsonl")[: cfg.task.max_samples]
+            val_rows = read_preference_rows(prefs_dir / "val.jsonl")
+    elif stage in (Stage.teacher, Stage.prefs):
+        raise ValueError(
+            f"stage={stage} needs a pipeline task (e.g. task=rare_disease); task={cfg.task.name} starts at the student"
+        )
+    else:
+        train_rows, val_rows = split_rows(load_rows(cfg.task), cfg.task.val_fraction, cfg.seed)
+
+    if stage in (Stage.all, Stage.student):
+        model, tokenizer, student_metrics = student_stage(cfg, train_rows, val_rows, run_dir / "student")
+        results.update(student_metrics)
+        if pipeline and stage is Stage.all:
+            eval_metrics = eval_stage(cfg, task, teacher, model, tokenizer, run_dir / "eval")
+            write_metrics(run_dir / "eval" / "metrics.json", eval_metrics)
+            results.update(eval_metrics)
+
+    flat = write_results(run_dir, results, title=f"MINT run {cfg.run_name}")
+    log.info("results in %s\n%s", run_dir, markdown_table(headline(flat)))
     return flat
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """What the end of a run prints: the task metrics without CI bounds and timings (all are in results.md)."""
+    keys = [k for k in results if k.startswith(("test/", "teacher/test/", "val/")) and "_ci_" not in k]
+    keys = [k for k in keys if not k.startswith("val/") or k in ("val/loss", "val/rewards/accuracies")]
+    return {k: results[k] for k in keys} or results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,9 +1,12 @@
 """The preference LightningModule: one module for ORPO, DPO and SFT.
 
-A batch (see mint.data.PreferenceCollator) holds chosen and rejected sequences
-padded to one length, so both go through the model in a single forward of 2B
-rows. Labels are -100 on prompt and padding, so answer log-probs never include
-prompt tokens.
+Two batch layouts, chosen by `packed`:
+- packed (mint.optim.packing.PackedPreferenceCollator): one row [prompt, chosen,
+  rejected] per pair, the prompt encoded once (see mint/optim/packing.py);
+- unpacked (mint.data.PreferenceCollator): chosen and rejected sequences padded to
+  one length and run as a single forward of 2B rows. Labels are -100 on prompt and
+  padding, so answer log-probs never include prompt tokens.
+Both give the same log-probs (tests/test_packing.py), so the losses below are shared.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 
 from mint.config import Loss
 from mint.optim.losses import dpo_loss, orpo_loss
+from mint.optim.packing import packed_logps
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,6 +71,7 @@ class PreferenceModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         warmup_ratio: float = 0.1,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -77,6 +82,7 @@ class PreferenceModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.warmup_ratio = warmup_ratio
+        self.packed = packed
         # Checkpoints keep only trainable weights (see on_save_checkpoint), so
         # loading one must not demand the frozen base weights.
         self.strict_loading = False
@@ -85,23 +91,35 @@ class PreferenceModule(L.LightningModule):
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.loss_name is Loss.sft and self.training:
-            # SFT training needs only the chosen rows; its validation compares both.
-            logits = self._forward(batch["chosen_input_ids"], batch["chosen_attention_mask"])
-            nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt))
-            chosen_sum, chosen_n = answer_logps(logits, batch["chosen_labels"])
-            return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
-
+    def _answer_logps(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen/rejected summed answer log-probs, their token counts, and the SFT-term NLL."""
+        if self.packed:
+            out = packed_logps(self.model, batch, sft_on_prompt=self.sft_on_prompt)
+            return out.chosen_sum, out.rejected_sum, out.chosen_count, out.rejected_count, out.nll
         batch_size = batch["chosen_input_ids"].shape[0]
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         logits = self._forward(input_ids, attention_mask)
         sums, counts = answer_logps(logits, labels)
-        chosen_sum, rejected_sum = sums[:batch_size], sums[batch_size:]
-        chosen_mean, rejected_mean = chosen_sum / counts[:batch_size], rejected_sum / counts[batch_size:]
         nll = nll_from(logits[:batch_size], sft_labels(batch, self.sft_on_prompt))
+        return sums[:batch_size], sums[batch_size:], counts[:batch_size], counts[batch_size:], nll
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.loss_name is Loss.sft and self.training and not self.packed:
+            # SFT training needs only the chosen rows; its validation compares both.
+            # (Packed rows hold both answers; the rejected tail costs little next to the prompt.)
+            logits = self._forward(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+            nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt))
+            chosen_sum, chosen_n = answer_logps(logits, batch["chosen_labels"])
+            return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
+
+        chosen_sum, rejected_sum, chosen_n, rejected_n, nll = self._answer_logps(batch)
+        chosen_mean, rejected_mean = chosen_sum / chosen_n, rejected_sum / rejected_n
+        if self.loss_name is Loss.sft and self.training:
+            return nll, {"nll_loss": nll.detach(), "logps/chosen": chosen_mean.mean().detach()}
 
         if self.loss_name is Loss.orpo:
             return orpo_loss(chosen_mean, rejected_mean, nll, self.beta)
@@ -132,7 +150,7 @@ class PreferenceModule(L.LightningModule):
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                 "lower optim.optimizer.lr or check the data. The last checkpoint is kept."
             )
-        batch_size = batch["chosen_input_ids"].shape[0]
+        batch_size = len(batch["prompt_lengths"])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch_size)
         if self.trainer.optimizers:
@@ -141,7 +159,7 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)
-        batch_size = batch["chosen_input_ids"].shape[0]
+        batch_size = len(batch["prompt_lengths"])
         self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, on_epoch=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, on_epoch=True)
 

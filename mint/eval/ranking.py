@@ -1,0 +1,110 @@
+"""Closed-set ranking: the log-likelihood of each of C candidate answers after one prompt.
+
+Scoring C candidates as C full sequences runs the (long) prompt C times. Here the prompt
+goes through the model once; its key/value cache (transformers' `DynamicCache`) is then
+shared by every batch of candidates, which only run their own few tokens. The cache's
+tensors are expanded (views, no copy) to the batch size; each layer's `update` concatenates
+the candidates' keys onto them, which leaves the prompt's tensors untouched for the next batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+class CandidateScores(NamedTuple):
+    summed: torch.Tensor  # [C] summed log-prob of each candidate's tokens given the prompt
+    mean: torch.Tensor  # [C] the same per token (comparable across candidate lengths)
+
+
+def _pad_right(candidates: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(c) for c in candidates)
+    ids = torch.full((len(candidates), length), pad_token_id, dtype=torch.long)
+    real = torch.zeros((len(candidates), length), dtype=torch.bool)
+    for row, candidate in enumerate(candidates):
+        ids[row, : len(candidate)] = torch.tensor(list(candidate), dtype=torch.long)
+        real[row, : len(candidate)] = True
+    return ids, real
+
+
+def _expanded(cache: DynamicCache, batch: int) -> DynamicCache:
+    """A new cache whose layers view the prompt's keys/values `batch` times (no copy)."""
+    layers = []
+    for keys, values, sliding in cache:
+        expanded = (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+        layers.append(expanded if sliding is None else (*expanded, sliding))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.inference_mode()
+def score_candidates(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    candidate_ids_list: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+) -> CandidateScores:
+    """Log-prob of each candidate (token ids, non-empty) as the answer to `prompt_ids`.
+
+    The prompt is encoded once. Candidates are right-padded: under the causal mask a real
+    token never sees the padding after it, so no attention mask is needed.
+    """
+    if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
+        raise ValueError("score_candidates needs at least one candidate and no empty candidate")
+    device = next(model.parameters()).device
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    # Only the last prompt position needs logits: it predicts every candidate's first token.
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    prompt_cache = out.cache
+    first_logps = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+    summed, counts = [], []
+    for start in range(0, len(candidate_ids_list), batch_size):
+        chunk = candidate_ids_list[start : start + batch_size]
+        ids, real = _pad_right(chunk, _pad_id(tokenizer))
+        ids, real = ids.to(device), real.to(device)
+        logits = model(input_ids=ids, cache=_expanded(prompt_cache, len(chunk)), use_cache=True).logits
+        # position j predicts token j + 1; the first token comes from the prompt's last position
+        rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        rest = torch.where(real[:, 1:], rest, 0.0)
+        summed.append(first_logps[ids[:, 0]] + rest.sum(-1))
+        counts.append(real.sum(-1))
+    total, count = torch.cat(summed), torch.cat(counts)
+    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
+
+
+@torch.inference_mode()
+def score_candidates_full(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    candidate_ids_list: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+) -> CandidateScores:
+    """The same scores from C full sequences [prompt, candidate]: the reference (and the baseline)."""
+    device = next(model.parameters()).device
+    prompt = list(prompt_ids)
+    summed, counts = [], []
+    for start in range(0, len(candidate_ids_list), batch_size):
+        chunk = candidate_ids_list[start : start + batch_size]
+        ids, real = _pad_right([prompt + list(c) for c in chunk], _pad_id(tokenizer))
+        ids, real = ids.to(device), real.to(device)
+        logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
+        token_logps = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        is_answer = real[:, 1:].clone()
+        is_answer[:, : len(prompt) - 1] = False  # targets before the first answer token are the prompt's
+        summed.append(torch.where(is_answer, token_logps, 0.0).sum(-1))
+        counts.append(is_answer.sum(-1))
+    total, count = torch.cat(summed), torch.cat(counts)
+    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())

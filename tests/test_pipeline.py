@@ -1,0 +1,79 @@
+"""The MINT pipeline end to end on task=rare_disease (smoke size): teacher -> prefs -> student -> eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+import mint.pipeline
+from mint.run import run
+
+
+@pytest.fixture
+def count_teacher_fits(monkeypatch):
+    calls = []
+    real = mint.pipeline.run_teacher_stage
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["out_dir"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mint.pipeline, "run_teacher_stage", counting)
+    return calls
+
+
+def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teacher_and_prefs(
+    make_cfg, tmp_path, count_teacher_fits
+):
+    orpo = run(make_cfg("task=rare_disease", "optim=orpo", "debug=smoke", output_dir=tmp_path / "orpo"))
+    sft = run(make_cfg("task=rare_disease", "optim=sft", "debug=smoke", output_dir=tmp_path / "sft"))
+    assert len(count_teacher_fits) <= 1  # 0 when an earlier test in the session filled the cache
+
+    for results in (orpo, sft):
+        assert {
+            "teacher/test/top1",
+            "teacher/test/topk",
+            "test/format_valid",
+            "test/top1",
+            "test/topk",
+            "test/car",
+            "val/loss",
+            "train/steps",
+        } <= results.keys()
+        assert 0.0 <= results["test/top1"] <= results["test/topk"] <= 1.0
+        assert results["test/top1_ci_low"] <= results["test/top1"] <= results["test/top1_ci_high"]
+    # the teacher is well above chance (1/24 top-1) even at smoke size
+    assert orpo["teacher/test/topk"] > 0.6
+    assert orpo["teacher/test/top1"] == sft["teacher/test/top1"]
+
+    run_dir = tmp_path / "orpo"
+    predictions = [
+        json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == 8
+    assert {"id", "answer", "parsed", "truth", "format_valid", "top1", "topk", "car"} <= predictions[0].keys()
+    assert json.loads((run_dir / "teacher" / "metrics.json").read_text())["teacher/folds"] == 2
+
+
+def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_cfg, shared_cache, tmp_path):
+    run(make_cfg("task=rare_disease", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
+    entries = list((shared_cache / "prefs").iterdir())
+    assert entries, "the prefs stage wrote no cache entry"
+    table = datasets.load_from_disk(str(entries[0] / "dataset"))
+    row = table[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"].startswith(
+        "POTENTIAL_DISEASES:"
+    )
+    assert row["chosen"][0]["content"].count("\n") == 10  # header + 10 names
+    assert row["label"] not in row["rejected"][0]["content"]  # the truth is never a negative
+    assert "- pairs:" in (entries[0] / "README.md").read_text()
+    assert not (tmp_path / "prefs" / "student").exists()  # stage=prefs stops before the student
+
+
+def test_teacher_and_prefs_stages_need_a_pipeline_task(make_cfg, tmp_path):
+    with pytest.raises(ValueError, match="needs a pipeline task"):
+        run(make_cfg("task=example", "stage=teacher", "debug=smoke"))
