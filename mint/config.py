@@ -122,7 +122,7 @@ class TeacherConfig:
     folds: int = 5  # cross-fitting folds for out-of-fold training rankings (< 2: in-sample, debugging only)
     batch_size: int = 64
     patience: int = 5  # early stopping on validation top-k
-    fit_threads: int | None = 1  # torch threads while fitting small teachers; null for CNN/GPU teachers
+    fit_threads: int | None = 1  # torch threads while fitting; null keeps the process setting (GPUs)
     trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments for each fit
 
 
@@ -135,6 +135,7 @@ class OptimConfig:
     beta: float = 0.1  # ORPO lambda / DPO beta
     rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
     sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
+    packed: bool = True  # one [prompt, chosen, rejected] row per pair (mint/optim/packing.py); false: two rows
     batch_size: int = 8
     eval_batch_size: int = 16
     warmup_ratio: float = 0.1

@@ -175,7 +175,7 @@ def student_stage(
         raise ValueError(f"no training pairs left after truncation to task.max_length={cfg.task.max_length}")
 
     # Packed rows [prompt, chosen, rejected] encode each prompt once (mint/optim/packing.py).
-    packed = bool(cfg.optim.get("packed", True))
+    packed = cfg.optim.packed
     collator = (
         PackedPreferenceCollator(tokenizer.pad_token_id)
         if packed

@@ -15,7 +15,9 @@ def ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     true = scores[np.arange(len(labels)), labels]
-    return (scores >= true[:, None]).sum(axis=1)
+    rank = (scores >= true[:, None]).sum(axis=1)
+    # A NaN anywhere in a row compares False and would rank the truth first: count it as last.
+    return np.where(np.isnan(scores).any(axis=1), scores.shape[1], rank)
 
 
 def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
