@@ -135,7 +135,9 @@ class OptimConfig:
     beta: float = 0.1  # ORPO lambda / DPO beta
     rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
     sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
-    packed: bool = True  # one [prompt, chosen, rejected] row per pair (mint/optim/packing.py); false: two rows
+    packed: bool = (
+        True  # one [prompt, chosen, rejected] row per pair (mint/optim/packing.py); false: two rows
+    )
     batch_size: int = 8
     eval_batch_size: int = 16
     warmup_ratio: float = 0.1

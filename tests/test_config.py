@@ -21,8 +21,11 @@ def _compose_resolved(overrides: list[str]) -> dict:
     # the custom task needs a dataset path; pipeline tasks make their own data
     needs_path = any(o == "task=custom" for o in overrides)
     extra = ["task.prefs_path=/data/p.jsonl"] if needs_path else []
-    cfg = compose("config", overrides=[*overrides, *extra, "paths.root_dir=/r", "paths.output_dir=/r/run"],
-                  return_hydra_config=True)
+    cfg = compose(
+        "config",
+        overrides=[*overrides, *extra, "paths.root_dir=/r", "paths.output_dir=/r/run"],
+        return_hydra_config=True,
+    )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra  # hydra's own node needs a live job to resolve

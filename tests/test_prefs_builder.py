@@ -30,7 +30,10 @@ def test_choose_labels_bottom_hard_and_forced_truth():
     chosen, rejected = choose_labels(order, truth=7, k=3, q=2, negatives="bottom", force_truth=True)
     assert chosen == [3, 1, 7] and 7 not in rejected and rejected == [6, 2]
     # without forcing, a truth the teacher ranks last stays out of both lists
-    assert choose_labels(order, truth=6, k=3, q=2, negatives="bottom", force_truth=False) == ([3, 1, 4], [7, 2])
+    assert choose_labels(order, truth=6, k=3, q=2, negatives="bottom", force_truth=False) == (
+        [3, 1, 4],
+        [7, 2],
+    )
     with pytest.raises(ValueError, match="exceeds"):
         choose_labels(order, truth=0, k=5, q=3, negatives="bottom", force_truth=False)
 
