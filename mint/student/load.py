@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -44,21 +45,11 @@ def load_student(
     attn_implementation: str = "sdpa",
 ) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in train mode, with only the adapter trainable when one is used."""
-    if dtype not in DTYPES:
-        raise ValueError(f"student.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            "student.quantization is set, but bitsandbytes is not installed: `pip install bitsandbytes`, "
-            "or set student.quantization=null"
-        )
+    check_load_settings(dtype, quantization)
     students = Path(cache_dir) / "students"
 
     if name_or_path is None:
-        if build is None or corpus is None:
-            raise ValueError(
-                "student.name_or_path is null: a student.build and a tokenizer corpus are needed"
-            )
-        source = _materialize(students / f"tiny-{_build_key(build, corpus)}", lambda out: build(out, corpus))
+        source = built_source(students, "tiny", build, corpus)
     elif gguf_file is not None:
         gguf_path = (Path(name_or_path).expanduser() / gguf_file).resolve()
         if not gguf_path.is_file():
@@ -82,16 +73,65 @@ def load_student(
         quantization_config=quantization,
     )
 
+    model = prepare_for_training(model, quantization, gradient_checkpointing)
+    model = attach_adapter(model, lora, adapter_path)
+    log_parameters("student", source, model)
+    return model, tokenizer
+
+
+# --- steps shared with mint.student.vision.load_vision_student ----------------------
+def check_load_settings(dtype: str, quantization: transformers.BitsAndBytesConfig | None) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"student.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "student.quantization is set, but bitsandbytes is not installed: `pip install bitsandbytes`, "
+            "or set student.quantization=null"
+        )
+
+
+def built_source(
+    students: Path, prefix: str, build: Callable[..., Path] | None, corpus: Sequence[str] | None
+) -> Path:
+    """The folder of a student made by `build(out_dir, corpus)`, built once per settings and corpus."""
+    if build is None or corpus is None:
+        raise ValueError("student.name_or_path is null: a student.build and a tokenizer corpus are needed")
+    return _materialize(students / f"{prefix}-{_build_key(build, corpus)}", lambda out: build(out, corpus))
+
+
+def not_found(name_or_path: str | None, source: Path, err: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"student.name_or_path={name_or_path!r}: {source} is not a local directory, and no model of "
+        f"that id could be loaded from the Hugging Face Hub (offline runs need a local copy): {err}"
+    )
+
+
+def prepare_for_training(
+    model: torch.nn.Module, quantization: transformers.BitsAndBytesConfig | None, gradient_checkpointing: bool
+) -> torch.nn.Module:
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: gradients reach LoRA without input-grad hooks
     if quantization is not None:
-        model = peft.prepare_model_for_kbit_training(
+        return peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    return model
 
+
+def attach_adapter(
+    model: torch.nn.Module,
+    lora: peft.LoraConfig | None,
+    adapter_path: str | None,
+    default_targets: Any = None,
+) -> torch.nn.Module:
+    """A saved adapter (kept trainable), or a fresh LoRA adapter, or none; the model in train mode.
+
+    `default_targets` replaces `target_modules` when the config leaves it None or "all-linear"
+    (the vision student narrows LoRA to its language layers and projector).
+    """
     if adapter_path is not None:
         # The adapter's saved config decides its shape; `lora` would describe a fresh one.
         model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
@@ -99,19 +139,24 @@ def load_student(
         lora = copy.deepcopy(lora)  # get_peft_model writes into its config; keep the caller's intact
         if lora.task_type is None:
             lora.task_type = peft.TaskType.CAUSAL_LM
+        if default_targets is not None and lora.target_modules in (None, "all-linear"):
+            lora.target_modules = default_targets
         model = peft.get_peft_model(model, lora)
-
     model.train()  # transformers 5 returns models in eval mode
+    return model
+
+
+def log_parameters(kind: str, source: Path, model: torch.nn.Module) -> None:
     # PeftModel forwards `num_parameters` to the wrapped transformers model, which counts 4-bit weights right.
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     log.info(
-        "student %s: %d trainable / %d total parameters (%.2f%%)",
+        "%s %s: %d trainable / %d total parameters (%.2f%%)",
+        kind,
         source,
         trainable,
         total,
         100 * trainable / total,
     )
-    return model, tokenizer
 
 
 def _load_tokenizer(
@@ -122,10 +167,7 @@ def _load_tokenizer(
     except OSError as err:
         if source.exists():
             raise
-        raise FileNotFoundError(
-            f"student.name_or_path={name_or_path!r}: {source} is not a local directory, and no model of "
-            f"that id could be loaded from the Hugging Face Hub (offline runs need a local copy): {err}"
-        ) from err
+        raise not_found(name_or_path, source, err) from err
     if tokenizer.chat_template is None:
         raise ValueError(f"student.name_or_path={name_or_path!r}: the tokenizer has no chat template")
     if tokenizer.pad_token is None:

@@ -13,8 +13,6 @@ preference module feeds to the model (`image_inputs` and the collator document t
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +36,15 @@ from transformers import (
 )
 
 from mint.data.preference import PreferenceCollator
-from mint.student.load import DTYPES, _build_key, _materialize
+from mint.student.load import (
+    DTYPES,
+    attach_adapter,
+    built_source,
+    check_load_settings,
+    log_parameters,
+    not_found,
+    prepare_for_training,
+)
 from mint.student.tiny import train_tokenizer
 
 log = logging.getLogger("mint.student")
@@ -196,22 +202,9 @@ def load_vision_student(
     `cache_dir/students/`. A LoRA config whose `target_modules` is None or "all-linear" is
     narrowed to the language layers and the projector (LANGUAGE_AND_PROJECTOR_TARGETS).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"student.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            "student.quantization is set, but bitsandbytes is not installed: `pip install bitsandbytes`, "
-            "or set student.quantization=null"
-        )
+    check_load_settings(dtype, quantization)
     if name_or_path is None:
-        if build is None or corpus is None:
-            raise ValueError(
-                "student.name_or_path is null: a student.build and a tokenizer corpus are needed"
-            )
-        students = Path(cache_dir) / "students"
-        source = _materialize(
-            students / f"tiny-mllama-{_build_key(build, corpus)}", lambda out: build(out, corpus)
-        )
+        source = built_source(Path(cache_dir) / "students", "tiny-mllama", build, corpus)
     else:
         source = Path(name_or_path).expanduser()
 
@@ -226,26 +219,8 @@ def load_vision_student(
     vision_tower = _vision_tower(model)
     vision_tower.requires_grad_(False)
 
-    gc_kwargs = {"use_reentrant": False}  # non-reentrant: gradients reach LoRA without input-grad hooks
-    if quantization is not None:
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-
-    if adapter_path is not None:
-        # The adapter's saved config decides its shape; `lora` would describe a fresh one.
-        model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    elif lora is not None:
-        lora = copy.deepcopy(lora)  # get_peft_model writes into its config; keep the caller's intact
-        if lora.task_type is None:
-            lora.task_type = peft.TaskType.CAUSAL_LM
-        if lora.target_modules is None or lora.target_modules == "all-linear":
-            lora.target_modules = LANGUAGE_AND_PROJECTOR_TARGETS
-        model = peft.get_peft_model(model, lora)
+    model = prepare_for_training(model, quantization, gradient_checkpointing)
+    model = attach_adapter(model, lora, adapter_path, default_targets=LANGUAGE_AND_PROJECTOR_TARGETS)
 
     trainable_vision = [n for n, p in _vision_tower(model).named_parameters() if p.requires_grad]
     if trainable_vision:
@@ -253,15 +228,7 @@ def load_vision_student(
             f"student.lora.target_modules reaches the frozen vision tower ({trainable_vision[:3]} ...); "
             f"target the language layers and projector, e.g. {LANGUAGE_AND_PROJECTOR_TARGETS!r}"
         )
-    model.train()  # transformers 5 returns models in eval mode
-    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
-    log.info(
-        "vision student %s: %d trainable / %d total parameters (%.2f%%)",
-        source,
-        trainable,
-        total,
-        100 * trainable / total,
-    )
+    log_parameters("vision student", source, model)
     return model, processor
 
 
@@ -273,10 +240,7 @@ def _load_processor(
     except OSError as err:
         if source.exists():
             raise
-        raise FileNotFoundError(
-            f"student.name_or_path={name_or_path!r}: {source} is not a local directory, and no model of "
-            f"that id could be loaded from the Hugging Face Hub (offline runs need a local copy): {err}"
-        ) from err
+        raise not_found(name_or_path, source, err) from err
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise ValueError(
