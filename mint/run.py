@@ -1,9 +1,11 @@
 """Entry point: `python -m mint.run [overrides]` (Hydra).
 
-The spine runs one stage, `student`: read a preference dataset, load the student,
-align it (orpo | dpo | sft) or leave it as is (none), measure the held-out
-pairs, save the adapter and the run's results. Teacher, preference building and
-evaluation stages plug in here with their issues.
+Composes the stages. A pipeline task (rare_disease) runs data -> teacher ->
+preference pairs (both cached, mint/pipeline.py) -> student -> evaluation on
+the test split; `task=custom|example` starts at the student with a ready
+preference dataset. `stage=` stops early. The student stage aligns a LoRA
+student (orpo | dpo | sft) or leaves it as is (none), measures the held-out
+pairs and saves the adapter; every run writes results.json and results.md.
 """
 
 from __future__ import annotations
