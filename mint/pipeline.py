@@ -14,17 +14,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from mint.cache import cached, config_key
 from mint.data.task_data import TaskData
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import DecodingSettings, generate_answers
+from mint.eval.ranking import score_candidates
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
 from mint.report import write_atomic
+from mint.teacher.metrics import bootstrap_ci, topk_hits
 from mint.teacher.stage import TeacherResult, run_teacher_stage
 
 log = logging.getLogger("mint")
@@ -165,6 +169,55 @@ def eval_stage(
         n_boot=settings.n_boot,
         seed=cfg.seed,
     )
+    metrics |= closed_set_metrics(
+        model,
+        tokenizer,
+        prompts,
+        [s.label for s in samples],
+        task.labels,
+        fmt,
+        n_boot=settings.n_boot,
+        seed=cfg.seed,
+    )
     lines = [json.dumps({"id": s.id, **r}, ensure_ascii=False) for s, r in zip(samples, records, strict=True)]
     write_atomic(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    return metrics
+
+
+@torch.inference_mode()
+def closed_set_metrics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    truths: list[int],
+    labels: list[str],
+    fmt: AnswerFormat,
+    *,
+    n_boot: int,
+    seed: int,
+) -> dict[str, float]:
+    """`test/rank_top1`, `test/rank_topk`: every label ranked by the student's likelihood, no parsing.
+
+    Each candidate is the answer naming that label first (header + "1. 'Label'"); its summed
+    log-prob is the probability of opening the list with it. The closing quote ends the name,
+    so a name that is the prefix of another ("X syndrome" / "X syndrome, X-linked") is not
+    favoured. The prompt's KV cache is shared by all candidates (mint/eval/ranking.py).
+    """
+    was_training = model.training
+    model.eval()
+    candidates = [
+        tokenizer(f"{fmt.header}\n1. {fmt.quote}{label}{fmt.quote}", add_special_tokens=False)["input_ids"]
+        for label in labels
+    ]
+    rows = []
+    for prompt in tqdm(prompts, desc="ranking labels", unit="sample"):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(score_candidates(model, tokenizer, prompt_ids, candidates).summed.float().cpu().numpy())
+    model.train(was_training)
+    scores, targets = np.stack(rows), np.array(truths)
+    metrics: dict[str, float] = {}
+    for name, k in (("rank_top1", 1), ("rank_topk", fmt.n)):
+        mean, low, high = bootstrap_ci(topk_hits(scores, targets, k), n_boot=n_boot, seed=seed)
+        metrics |= {f"test/{name}": mean, f"test/{name}_ci_low": low, f"test/{name}_ci_high": high}
     return metrics

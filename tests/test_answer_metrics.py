@@ -54,3 +54,38 @@ def test_car_is_reported_when_teacher_lists_are_given():
         n_boot=50,
     )
     assert metrics["test/car"] == pytest.approx(1.0) and records[0]["car"] == pytest.approx(1.0)
+
+
+def test_closed_set_ranking_finds_the_label_a_student_was_trained_to_say(tmp_path):
+    """A student that learned to answer 'Beta disease' ranks it first; the metric needs no parsing."""
+    import torch
+
+    from mint.data import pairs_to_texts
+    from mint.pipeline import closed_set_metrics
+    from mint.student import build_tiny_llama, load_student
+
+    fmt2 = AnswerFormat("POTENTIAL_DISEASES:", n=2)
+    prompt = [{"role": "user", "content": "Which disease?"}]
+    target = "POTENTIAL_DISEASES:\n1. 'Beta disease'\n2. 'Alpha syndrome'"
+    rows = [
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": target}],
+            "rejected": [{"role": "assistant", "content": "x"}],
+        }
+    ]
+    model, tok = load_student(
+        None, cache_dir=str(tmp_path), build=build_tiny_llama, corpus=pairs_to_texts(rows) + LABELS
+    )
+    text = tok.apply_chat_template(prompt + rows[0]["chosen"], tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(60):  # memorise the one answer
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    metrics = closed_set_metrics(model, tok, [prompt], [1], LABELS, fmt2, n_boot=10, seed=0)
+    assert metrics["test/rank_top1"] == 1.0 and metrics["test/rank_topk"] == 1.0
+    wrong = closed_set_metrics(model, tok, [prompt], [3], LABELS, fmt2, n_boot=10, seed=0)
+    assert wrong["test/rank_top1"] == 0.0

@@ -39,10 +39,13 @@ def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teache
             "test/top1",
             "test/topk",
             "test/car",
+            "test/rank_top1",
+            "test/rank_topk",
             "val/loss",
             "train/steps",
         } <= results.keys()
         assert 0.0 <= results["test/top1"] <= results["test/topk"] <= 1.0
+        assert 0.0 <= results["test/rank_top1"] <= results["test/rank_topk"] <= 1.0
         assert results["test/top1_ci_low"] <= results["test/top1"] <= results["test/top1_ci_high"]
     # the teacher is well above chance (1/24 top-1) even at smoke size
     assert orpo["teacher/test/topk"] > 0.6

@@ -7,6 +7,11 @@ Two batch layouts, chosen by `packed`:
   one length and run as a single forward of 2B rows. Labels are -100 on prompt and
   padding, so answer log-probs never include prompt tokens.
 Both give the same log-probs (tests/test_packing.py), so the losses below are shared.
+
+Vision students (mint.student.vision) train on the unpacked layout only: a
+VisionPreferenceCollator batch adds `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`
+and one `cross_attention_mask` shared by both sides; `sides_logits` encodes each image once
+and reuses it for the chosen and the rejected rows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import torch.nn.functional as F
 from mint.config import Loss
 from mint.optim.losses import dpo_loss, orpo_loss
 from mint.optim.packing import packed_logps
+from mint.student.vision import image_states
+
+# The keys a VisionPreferenceCollator batch adds to the text batch.
+IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,12 +58,56 @@ def nll_from(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -logps.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
 
-def sft_labels(batch: dict[str, torch.Tensor], on_prompt: bool) -> torch.Tensor:
-    """Targets of the NLL term: the chosen answer, or prompt + chosen (TRL's ORPO)."""
+def sft_labels(
+    batch: dict[str, torch.Tensor], on_prompt: bool, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Targets of the NLL term: the chosen answer, or prompt + chosen (TRL's ORPO).
+
+    With `on_prompt`, ids at or past `vocab_size` (the logits' last dim) are no targets: Mllama's
+    `<|image|>` token has an input embedding but no output logit, so it cannot be predicted.
+    """
     if not on_prompt:
         return batch["chosen_labels"]
     ids = batch["chosen_input_ids"]
-    return torch.where(batch["chosen_attention_mask"].bool(), ids, torch.full_like(ids, -100))
+    keep = batch["chosen_attention_mask"].bool()
+    if vocab_size is not None:
+        keep &= ids < vocab_size
+    return torch.where(keep, ids, torch.full_like(ids, -100))
+
+
+def has_images(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether `batch` comes from a VisionPreferenceCollator."""
+    return "pixel_values" in batch
+
+
+def sides_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = ("chosen", "rejected")
+) -> torch.Tensor:
+    """Logits of the given sides of an unpacked batch, concatenated along the batch dim in that order.
+
+    Text batches run as they always have. Image batches encode each image once (vision tower +
+    projector, `image_states`) and repeat the states and the shared cross-attention mask for
+    every side: the sides share the prompt and so the image.
+    """
+    input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
+    attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
+    if not has_images(batch):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    missing = [key for key in IMAGE_KEYS if key not in batch]
+    if missing:
+        raise ValueError(
+            f"an image batch (it has pixel_values) lacks {missing}; use VisionPreferenceCollator"
+        )
+    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
+    # states hold images*tiles rows per pair, in batch order; the model groups them back by row.
+    n = len(sides)
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cross_attention_states=states.repeat(n, 1, 1),
+        cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
+        use_cache=False,
+    ).logits
 
 
 class PreferenceModule(L.LightningModule):
@@ -88,9 +141,6 @@ class PreferenceModule(L.LightningModule):
         self.strict_loading = False
 
     # --- forward -----------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     def _answer_logps(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,20 +149,25 @@ class PreferenceModule(L.LightningModule):
             out = packed_logps(self.model, batch, sft_on_prompt=self.sft_on_prompt)
             return out.chosen_sum, out.rejected_sum, out.chosen_count, out.rejected_count, out.nll
         batch_size = batch["chosen_input_ids"].shape[0]
-        input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-        attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logits = self._forward(input_ids, attention_mask)
+        logits = sides_logits(self.model, batch)
         sums, counts = answer_logps(logits, labels)
-        nll = nll_from(logits[:batch_size], sft_labels(batch, self.sft_on_prompt))
+        nll = nll_from(logits[:batch_size], sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
         return sums[:batch_size], sums[batch_size:], counts[:batch_size], counts[batch_size:], nll
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.packed and has_images(batch):
+            # The packed row [prompt, chosen, rejected] would need a cross-attention mask in
+            # packed layout and a per-segment image; not built yet.
+            raise ValueError(
+                "optim.packed=true does not support image inputs (vision students); "
+                "use the unpacked VisionPreferenceCollator batches (optim.packed=false)"
+            )
         if self.loss_name is Loss.sft and self.training and not self.packed:
             # SFT training needs only the chosen rows; its validation compares both.
             # (Packed rows hold both answers; the rejected tail costs little next to the prompt.)
-            logits = self._forward(batch["chosen_input_ids"], batch["chosen_attention_mask"])
-            nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt))
+            logits = sides_logits(self.model, batch, ("chosen",))
+            nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
             chosen_sum, chosen_n = answer_logps(logits, batch["chosen_labels"])
             return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
 

@@ -6,18 +6,30 @@ loaded from (e.g. an SFT adapter). One model stays in memory.
 
 With a `PackedPreferenceCollator` the reference uses the packed forward (each prompt
 encoded once); pairs go through in order of length so that batches carry little padding.
+Vision pairs (`VisionPair`, collated by a `VisionPreferenceCollator`) use the unpacked
+forward with the image encoded once per pair (mint.optim.module.sides_logits); collate
+the returned dicts with `VisionPreferenceCollator`, which keeps the reference log-probs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from mint.data import PreferenceCollator, TokenizedPair
-from mint.optim.module import answer_logps
+from mint.optim.module import answer_logps, sides_logits
 from mint.optim.packing import PackedPreferenceCollator, packed_length, packed_logps
+from mint.student.vision import VisionPair, VisionPreferenceCollator
+
+
+def _as_fields(pair: TokenizedPair | VisionPair) -> dict:
+    """The pair's fields as a dict; a VisionPair's pixel tensors are shared, not deep-copied."""
+    if isinstance(pair, TokenizedPair):
+        return dataclasses.asdict(pair)
+    return {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
 
 
 def _summed_logps(
@@ -29,11 +41,7 @@ def _summed_logps(
         out = packed_logps(model, batch)
         return out.chosen_sum, out.rejected_sum
     n = batch["chosen_input_ids"].shape[0]
-    logits = model(
-        input_ids=torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        attention_mask=torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-        use_cache=False,
-    ).logits
+    logits = sides_logits(model, batch)
     sums, _ = answer_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
     return sums[:n], sums[n:]
 
@@ -41,22 +49,29 @@ def _summed_logps(
 @torch.inference_mode()
 def attach_reference_logps(
     model: torch.nn.Module,
-    pairs: list[TokenizedPair],
-    collator: PreferenceCollator | PackedPreferenceCollator,
+    pairs: Sequence[TokenizedPair | VisionPair],
+    collator: PreferenceCollator | PackedPreferenceCollator | VisionPreferenceCollator,
     batch_size: int,
 ) -> list[dict]:
     """Returns the pairs, in their order, as dicts carrying `ref_chosen_logps` / `ref_rejected_logps` (summed)."""
     packed = isinstance(collator, PackedPreferenceCollator)
+    vision = any(isinstance(p, VisionPair) for p in pairs)
+    if vision and not isinstance(collator, VisionPreferenceCollator):
+        raise ValueError(
+            f"vision pairs need a VisionPreferenceCollator (unpacked; packed image inputs are not "
+            f"supported), got {type(collator).__name__}"
+        )
     was_training = model.training
     model.eval()  # no dropout in the reference
-    order = sorted(range(len(pairs)), key=lambda i: packed_length(pairs[i]))
+    # packed_length reads token lists only; a VisionPair's are the same three fields.
+    order = sorted(range(len(pairs)), key=lambda i: packed_length(_as_fields(pairs[i])))
     out: list[dict | None] = [None] * len(pairs)
     for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch"):
         indices = order[start : start + batch_size]
         chosen, rejected = _summed_logps(model, collator([pairs[i] for i in indices]), packed)
         for row, index in enumerate(indices):
             out[index] = {
-                **dataclasses.asdict(pairs[index]),
+                **_as_fields(pairs[index]),
                 "ref_chosen_logps": chosen[row].item(),
                 "ref_rejected_logps": rejected[row].item(),
             }

@@ -13,6 +13,7 @@ preference module feeds to the model (`image_inputs` and the collator document t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -388,13 +389,14 @@ class VisionPreferenceCollator:
     def __init__(self, pad_token_id: int, label_pad_id: int = -100):
         self.text = PreferenceCollator(pad_token_id=pad_token_id, label_pad_id=label_pad_id)
 
-    def __call__(self, pairs: Sequence[VisionPair]) -> dict[str, torch.Tensor]:
-        text_items = [
-            {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
-            for p in pairs
-        ]
-        batch = self.text(text_items)
-        return batch | image_inputs(pairs, batch["chosen_input_ids"].shape[1])
+    def __call__(self, pairs: Sequence[VisionPair | dict]) -> dict[str, torch.Tensor]:
+        # Dicts are what mint.optim.reference.attach_reference_logps returns: a pair's fields
+        # plus its reference log-probs, which the text collator passes through.
+        fields = [f.name for f in dataclasses.fields(VisionPair)]
+        items = [{k: getattr(p, k) for k in fields} if isinstance(p, VisionPair) else p for p in pairs]
+        batch = self.text(items)
+        vision_pairs = [VisionPair(**{k: item[k] for k in fields}) for item in items]
+        return batch | image_inputs(vision_pairs, batch["chosen_input_ids"].shape[1])
 
 
 def image_states(

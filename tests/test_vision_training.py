@@ -1,0 +1,165 @@
+"""The preference module trains a tiny Mllama vision student with ORPO, DPO and SFT on image + prompt pairs."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import peft
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mint.optim.module import PreferenceModule, answer_logps, sft_labels, sides_logits
+from mint.optim.reference import attach_reference_logps
+from mint.student.vision import (
+    VisionPreferenceCollator,
+    build_tiny_mllama,
+    encode_vision_pair,
+    load_vision_student,
+    vision_messages,
+)
+
+COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
+PROMPT = vision_messages("You name colours.", "Which colour is this image?")
+CORPUS = [
+    "You name colours.",
+    "Which colour is this image?",
+    "The colour is Red.",
+    "The colour is Blue.",
+] * 5
+LORA = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
+
+
+def _image(colour: str, seed: int) -> np.ndarray:
+    # One flat colour plus a little noise, so that no two images are the same.
+    noise = np.random.default_rng(seed).integers(-20, 21, (64, 64, 3))
+    return np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_mllama(tmp_path_factory.mktemp("tiny") / "mllama", CORPUS, text_layers=2)
+
+
+def _pairs(processor) -> list:
+    """Four red and four blue images; chosen names the image's colour, rejected the other one."""
+    pairs = []
+    for seed in range(8):
+        right, wrong = ("Red", "Blue") if seed % 2 == 0 else ("Blue", "Red")
+        pairs.append(
+            encode_vision_pair(
+                processor,
+                _image(right, seed),
+                PROMPT,
+                f"The colour is {right}.",
+                f"The colour is {wrong}.",
+                max_length=64,
+            )
+        )
+    return pairs
+
+
+def _module(model: torch.nn.Module, loss: str, **kwargs) -> PreferenceModule:
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-2)
+    return PreferenceModule(model, loss=loss, beta=0.1, optimizer=optimizer, **kwargs)
+
+
+def _loss(module: PreferenceModule, batch: dict[str, torch.Tensor]) -> float:
+    """The method's training loss on `batch`, without dropout or gradients."""
+    with torch.no_grad():
+        return module.compute_loss(batch)[0].item()
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
+def test_training_on_images_lowers_the_loss_and_the_adapter_reloads(
+    tiny: Path, tmp_path: Path, method: str
+) -> None:
+    torch.manual_seed(0)
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=LORA)
+    pad = processor.tokenizer.pad_token_id
+    pairs = _pairs(processor)
+    collator = VisionPreferenceCollator(pad)
+    if method == "dpo":
+        collator = VisionPreferenceCollator(pad)
+        pairs = attach_reference_logps(model, pairs, collator, batch_size=3)
+    everything = collator(pairs)
+    module = _module(model, method)
+    if method == "dpo":
+        # The fresh adapter is the reference, so DPO starts at -log sigmoid(0).
+        assert _loss(module, everything) == pytest.approx(math.log(2), abs=1e-4)
+    before = _loss(module, everything)
+
+    trainer = L.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(pairs, batch_size=4, shuffle=True, collate_fn=collator))
+    module.train()  # the same loss as in training (SFT scores the chosen side only)
+    # Every pair has the same prompt and half the pairs prefer each answer, so DPO can only
+    # fall below log 2 (it went to about 0.57 in 12 steps) by telling the images apart.
+    assert _loss(module, everything) < before
+
+    model.eval()
+    with torch.no_grad():
+        logits = sides_logits(model, everything)
+        # The prompt is the same for every pair: only the image tells which answer is right.
+        swapped = dict(everything, pixel_values=everything["pixel_values"].roll(1, 0))
+        labels = torch.cat([everything["chosen_labels"], everything["rejected_labels"]])
+        assert not torch.allclose(
+            answer_logps(sides_logits(model, swapped), labels)[0], answer_logps(logits, labels)[0]
+        )
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded, _ = load_vision_student(
+        str(tiny), cache_dir=str(tmp_path), adapter_path=str(tmp_path / "adapter")
+    )
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(sides_logits(reloaded, everything), logits)
+
+
+def test_encoding_the_image_once_equals_repeating_the_pixels(tiny: Path, tmp_path: Path) -> None:
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=LORA)
+    model.eval()
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id)(_pairs(processor)[:3])
+    twice = lambda key: torch.cat([batch[key], batch[key]])  # noqa: E731
+    with torch.no_grad():
+        pixels = model(
+            input_ids=torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+            attention_mask=torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+            pixel_values=twice("pixel_values"),
+            aspect_ratio_ids=twice("aspect_ratio_ids"),
+            aspect_ratio_mask=twice("aspect_ratio_mask"),
+            cross_attention_mask=twice("cross_attention_mask"),
+            use_cache=False,
+        ).logits
+        assert torch.allclose(sides_logits(model, batch), pixels, atol=1e-5)
+
+
+def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, tmp_path: Path) -> None:
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=LORA)
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id)(_pairs(processor)[:2])
+    image_id = model.config.image_token_id
+    vocab = model.config.text_config.vocab_size
+    assert (batch["chosen_input_ids"] == image_id).any() and image_id >= vocab
+    labels = sft_labels(batch, on_prompt=True, vocab_size=vocab)
+    assert (labels[batch["chosen_input_ids"] == image_id] == -100).all()
+    assert (labels[batch["chosen_attention_mask"].bool() & (batch["chosen_input_ids"] < vocab)] >= 0).all()
+
+    # ORPO with the NLL on the prompt runs although the prompt holds <|image|>.
+    loss, _ = _module(model, "orpo", sft_on_prompt=True).compute_loss(batch)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="packed"):
+        _module(model, "orpo", packed=True).compute_loss(batch)
+    with pytest.raises(ValueError, match="VisionPreferenceCollator"):
+        from mint.optim.packing import PackedPreferenceCollator
+
+        attach_reference_logps(model, _pairs(processor), PackedPreferenceCollator(0), batch_size=2)
