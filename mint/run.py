@@ -10,6 +10,9 @@ pairs and saves the adapter; every run writes results.json and results.md.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import random
 import shutil
@@ -19,6 +22,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -27,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mint.cache import cached
 from mint.config import Loss, Stage, register_configs
 from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
 from mint.data.example_prefs import make_example_prefs, write_jsonl
@@ -99,6 +104,37 @@ def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, 
         trust_remote_code=s.trust_remote_code,
         attn_implementation=s.attn_implementation,
     )
+
+
+def reference_logps(cfg: DictConfig, model: torch.nn.Module, pairs: list, collator: Any) -> list[dict]:
+    """DPO's reference log-probs, computed once per (pairs, student) and kept in the stage cache.
+
+    The reference is the student as it starts, so the key is the tokenized pairs plus the whole
+    student config (base, adapter, dtype, quantization) and the forward layout; a sweep over
+    seeds or betas on the same preference set reuses them.
+    """
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    key = {
+        "pairs": digest.hexdigest(),
+        "student": OmegaConf.to_container(cfg.student, resolve=True),
+        "packed": cfg.optim.packed,
+    }
+
+    def make(folder: Path) -> None:
+        scored = attach_reference_logps(model, pairs, collator, cfg.optim.eval_batch_size)
+        np.save(
+            folder / "ref_logps.npy",
+            np.array([[d["ref_chosen_logps"], d["ref_rejected_logps"]] for d in scored]),
+        )
+
+    entry = cached(Path(cfg.paths.cache_dir), "reference", key, make)
+    ref = np.load(entry / "ref_logps.npy")
+    return [
+        {**dataclasses.asdict(pair), "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+        for pair, (c, r) in zip(pairs, ref, strict=True)
+    ]
 
 
 def make_loaders(
@@ -185,10 +221,8 @@ def student_stage(
     )
     loss = Loss(cfg.optim.loss)
     if loss is Loss.dpo:
-        train_pairs = attach_reference_logps(model, train_pairs, collator, cfg.optim.eval_batch_size)
-        val_pairs = (
-            attach_reference_logps(model, val_pairs, collator, cfg.optim.eval_batch_size) if val_pairs else []
-        )
+        train_pairs = reference_logps(cfg, model, train_pairs, collator)
+        val_pairs = reference_logps(cfg, model, val_pairs, collator) if val_pairs else []
 
     module = PreferenceModule(
         model,

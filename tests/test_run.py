@@ -242,3 +242,25 @@ def test_wandb_logger_writes_an_offline_run(make_cfg, tmp_path, prefs_path, monk
     run(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_dpo_reference_logps_are_computed_once_and_reused(make_cfg, tmp_path, prefs_path, monkeypatch):
+    import mint.run
+
+    calls = []
+    real = mint.run.attach_reference_logps
+    monkeypatch.setattr(mint.run, "attach_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = (
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        "optim=dpo",
+        "debug=smoke",
+        "trainer.max_steps=3",
+        "task.max_samples=40",
+    )
+    first = run(make_cfg(*args, output_dir=tmp_path / "a"))
+    n_first = len(calls)
+    second = run(make_cfg(*args, "optim.beta=0.5", output_dir=tmp_path / "b"))
+    assert n_first in (0, 2)  # train + val, unless an earlier test cached them
+    assert len(calls) == n_first  # the second run (another beta) reused the cached reference
+    assert first["train/steps"] == second["train/steps"] == 3
