@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
 def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher_key: str) -> Path:
     """`train.jsonl` (out-of-fold teacher rankings) and `val.jsonl`, plus the HF dataset and its card."""
     settings = {
+        "layout": 2,  # bump when the entry's files change, so older entries are not read
         "teacher": teacher_key,
         "answer": _plain(cfg.task.answer),
         "prompt": _plain(cfg.task.prompt),
@@ -121,10 +123,20 @@ def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher
         )
 
     def make(folder: Path) -> None:
-        save_preference_dataset(rows_for("train"), folder, config=settings)
+        started = time.perf_counter()
+        train_rows, val_rows = rows_for("train"), rows_for("val")
+        built = time.perf_counter() - started
+        save_preference_dataset(train_rows, folder, config=settings)
         with open(folder / "val.jsonl", "w") as f:
-            for row in rows_for("val"):
+            for row in val_rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stats = {
+            "prefs/train_pairs": len(train_rows),
+            "prefs/val_pairs": len(val_rows),
+            "prefs/pairs_per_s": (len(train_rows) + len(val_rows)) / max(built, 1e-9),
+            "prefs/total_s": time.perf_counter() - started,
+        }
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
     return cached(Path(cfg.paths.cache_dir), "prefs", settings, make)
 

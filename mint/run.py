@@ -286,6 +286,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if stage is not Stage.teacher:
             prefs_dir = prefs_stage(cfg, task, teacher, teacher_key)
             log.info("preference dataset: %s", prefs_dir)
+            results.update(json.loads((prefs_dir / "stats.json").read_text()))
             train_rows = read_preference_rows(prefs_dir / "prefs.jsonl")[: cfg.task.max_samples]
             val_rows = read_preference_rows(prefs_dir / "val.jsonl")
     elif stage in (Stage.teacher, Stage.prefs):

@@ -41,6 +41,7 @@ def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teache
             "test/car",
             "test/rank_top1",
             "test/rank_topk",
+            "prefs/pairs_per_s",
             "val/loss",
             "train/steps",
         } <= results.keys()
