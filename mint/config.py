@@ -150,6 +150,9 @@ class StudentConfig:
     """How to load the student (`mint.student.load_student`); nested nodes are instantiated."""
 
     name: str = MISSING
+    modality: str = (
+        "text"  # text: a causal LM (load_student); vision: an image+text model (load_vision_student)
+    )
     name_or_path: str | None = None  # HF id or local folder; null = build with `build`
     build: Any = None  # `_partial_` node making a model on the spot (tiny students)
     gguf_file: str | None = None

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mint.cache import cached, config_key
 from mint.data.task_data import TaskData
 from mint.eval.answers import answer_metrics
-from mint.eval.generate import DecodingSettings, generate_answers
+from mint.eval.generate import DecodingSettings, generate_answers, generate_vision_answers
 from mint.eval.ranking import score_candidates
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
@@ -103,10 +103,9 @@ def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher
         "prefs": _plain(cfg.task.prefs),
         "student_modality": cfg.task.student_modality,
     }
-    if cfg.task.student_modality != "text":
-        raise NotImplementedError(
-            "task.student_modality=image: image-prompt preference training is not wired yet (see issue 4/5)"
-        )
+    if cfg.task.student_modality not in ("text", "image"):
+        raise ValueError(f"task.student_modality={cfg.task.student_modality!r}: expected 'text' or 'image'")
+    sees_image = cfg.task.student_modality == "image"
 
     def rows_for(split: str) -> list[dict[str, Any]]:
         split_task = TaskData(
@@ -120,6 +119,7 @@ def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher
             q=cfg.task.prefs.q,
             negatives=cfg.task.prefs.negatives,
             force_truth=cfg.task.prefs.force_truth,
+            student_sees_image=sees_image,
         )
 
     def make(folder: Path) -> None:
@@ -129,7 +129,9 @@ def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher
         save_preference_dataset(train_rows, folder, config=settings)
         with open(folder / "val.jsonl", "w") as f:
             for row in val_rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({k: v for k, v in row.items() if k != "images"}, ensure_ascii=False) + "\n"
+                )
         stats = {
             "prefs/train_pairs": len(train_rows),
             "prefs/val_pairs": len(val_rows),
@@ -154,20 +156,20 @@ def eval_stage(
     settings = cfg.task.eval
     samples = task.splits["test"][: settings.max_samples]
     template, fmt = prompt_template(cfg), answer_format(cfg)
-    prompts = [template.messages(s, with_image=False) for s in samples]
-    answers = generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        DecodingSettings(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            batch_size=settings.batch_size,
-        ),
+    sees_image = cfg.task.student_modality == "image"
+    prompts = [template.messages(s, with_image=sees_image) for s in samples]
+    decoding = DecodingSettings(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        batch_size=settings.batch_size,
     )
+    if sees_image:
+        answers = generate_vision_answers(model, tokenizer, prompts, [s.image for s in samples], decoding)
+    else:
+        answers = generate_answers(model, tokenizer, prompts, decoding)
     ranked = teacher.ranked_indices("test")[: len(samples)]
     teacher_top = [[task.labels[j] for j in row[: fmt.n]] for row in ranked]
     teacher_bottom = [[task.labels[j] for j in row[-cfg.task.prefs.q :]] for row in ranked]
@@ -181,16 +183,17 @@ def eval_stage(
         n_boot=settings.n_boot,
         seed=cfg.seed,
     )
-    metrics |= closed_set_metrics(
-        model,
-        tokenizer,
-        prompts,
-        [s.label for s in samples],
-        task.labels,
-        fmt,
-        n_boot=settings.n_boot,
-        seed=cfg.seed,
-    )
+    if not sees_image:  # the shared-prompt KV cache of closed-set ranking is text-only for now
+        metrics |= closed_set_metrics(
+            model,
+            tokenizer,
+            prompts,
+            [s.label for s in samples],
+            task.labels,
+            fmt,
+            n_boot=settings.n_boot,
+            seed=cfg.seed,
+        )
     lines = [json.dumps({"id": s.id, **r}, ensure_ascii=False) for s, r in zip(samples, records, strict=True)]
     write_atomic(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
     return metrics

@@ -41,6 +41,7 @@ from mint.optim.reference import attach_reference_logps
 from mint.pipeline import eval_stage, is_pipeline_task, load_task, prefs_stage, teacher_stage
 from mint.report import markdown_table, write_metrics, write_results
 from mint.student import load_student
+from mint.student.vision import VisionPreferenceCollator, encode_vision_pair, load_vision_student
 
 log = logging.getLogger("mint")
 register_configs()
@@ -82,19 +83,41 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 
 
 # --- student ----------------------------------------------------------------------
+def check_student_fits_task(cfg: DictConfig) -> None:
+    """Fail before any work when the student cannot read what the task gives it."""
+    s = cfg.student
+    if s.modality not in ("text", "vision"):
+        raise ValueError(f"student.modality={s.modality!r}: expected 'text' or 'vision'")
+    wants_image = cfg.task.get("student_modality", "text") == "image"
+    if wants_image != (s.modality == "vision"):
+        raise ValueError(
+            f"task={cfg.task.name} gives the student {'images' if wants_image else 'text'}, but "
+            f"student={s.name} is a {s.modality} model; pick a matching student (e.g. "
+            f"{'student=tiny_mllama' if wants_image else 'student=tiny_llama'})"
+        )
+
+
 def build_student(cfg: DictConfig, corpus: list[str]) -> tuple[torch.nn.Module, Any]:
-    """Explicit wiring of `student.*` into load_student; nested `_target_` nodes are instantiated."""
+    """Explicit wiring of `student.*` into load_student (or load_vision_student); nested
+    `_target_` nodes are instantiated. Returns (model, tokenizer or processor)."""
     s = cfg.student
 
     def make(node: Any) -> Any:  # plain lists/dicts, not OmegaConf containers, reach peft/transformers
         return instantiate(node, _convert_="all") if node is not None else None
 
-    return load_student(
+    check_student_fits_task(cfg)
+    if s.modality == "vision":
+        if s.gguf_file is not None:
+            raise ValueError("student.gguf_file: GGUF loading is for text students only")
+        load, extra = load_vision_student, {}
+    else:
+        load, extra = load_student, {"gguf_file": s.gguf_file}
+    return load(
         s.name_or_path,
         cache_dir=cfg.paths.cache_dir,
         build=make(s.build),
         corpus=corpus,
-        gguf_file=s.gguf_file,
+        **extra,
         dtype=s.dtype,
         quantization=make(s.quantization),
         # optim=none measures the untouched base: no adapter at all
@@ -116,6 +139,8 @@ def reference_logps(cfg: DictConfig, model: torch.nn.Module, pairs: list, collat
     digest = hashlib.sha256()
     for pair in pairs:
         digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+        if hasattr(pair, "pixel_values"):  # a vision pair: the image is part of what is scored
+            digest.update(pair.pixel_values.float().numpy().tobytes())
     key = {
         "pairs": digest.hexdigest(),
         "student": OmegaConf.to_container(cfg.student, resolve=True),
@@ -132,7 +157,12 @@ def reference_logps(cfg: DictConfig, model: torch.nn.Module, pairs: list, collat
     entry = cached(Path(cfg.paths.cache_dir), "reference", key, make)
     ref = np.load(entry / "ref_logps.npy")
     return [
-        {**dataclasses.asdict(pair), "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+        # shallow field copies: a vision pair's pixel tensors are shared, not duplicated
+        {
+            **{f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)},
+            "ref_chosen_logps": float(c),
+            "ref_rejected_logps": float(r),
+        }
         for pair, (c, r) in zip(pairs, ref, strict=True)
     ]
 
@@ -200,25 +230,44 @@ def student_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
 
-    tokenize = dict(
-        max_length=cfg.task.max_length,
-        max_prompt_length=cfg.task.max_prompt_length,
-        prompt_truncation=str(cfg.task.prompt_truncation),
-    )
-    train_pairs, train_report = tokenize_preference_rows(train_rows, tokenizer, **tokenize)
-    val_pairs, val_report = (
-        tokenize_preference_rows(val_rows, tokenizer, **tokenize) if val_rows else ([], None)
-    )
-    if not train_pairs:
-        raise ValueError(f"no training pairs left after truncation to task.max_length={cfg.task.max_length}")
+    vision = cfg.student.modality == "vision"
+    if vision:
+        # Rows carry their image (attached by sample id); the processor renders the chat
+        # template with the image token and preprocesses the pixels.
+        def encode(rows: list[dict]) -> list:
+            return [
+                encode_vision_pair(
+                    tokenizer,
+                    row["images"][0],
+                    row["prompt"],
+                    row["chosen"],
+                    row["rejected"],
+                    cfg.task.max_length,
+                )
+                for row in rows
+            ]
 
-    # Packed rows [prompt, chosen, rejected] encode each prompt once (mint/optim/packing.py).
-    packed = cfg.optim.packed
-    collator = (
-        PackedPreferenceCollator(tokenizer.pad_token_id)
-        if packed
-        else PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    )
+        train_pairs, val_pairs = encode(train_rows), encode(val_rows)
+        train_report = val_report = None
+        packed = False  # the packed layout does not carry cross-attention inputs yet
+        collator = VisionPreferenceCollator(tokenizer.tokenizer.pad_token_id)
+    else:
+        tokenize = dict(
+            max_length=cfg.task.max_length,
+            max_prompt_length=cfg.task.max_prompt_length,
+            prompt_truncation=str(cfg.task.prompt_truncation),
+        )
+        train_pairs, train_report = tokenize_preference_rows(train_rows, tokenizer, **tokenize)
+        val_pairs, val_report = (
+            tokenize_preference_rows(val_rows, tokenizer, **tokenize) if val_rows else ([], None)
+        )
+        # Packed rows [prompt, chosen, rejected] encode each prompt once (mint/optim/packing.py).
+        packed = cfg.optim.packed
+        collator = (
+            PackedPreferenceCollator(tokenizer.pad_token_id)
+            if packed
+            else PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+        )
     loss = Loss(cfg.optim.loss)
     if loss is Loss.dpo:
         train_pairs = reference_logps(cfg, model, train_pairs, collator)
@@ -243,12 +292,10 @@ def student_stage(
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(stage_dir)
     )
-    metrics: dict[str, Any] = {
-        "data/train_pairs": len(train_pairs),
-        "data/val_pairs": len(val_pairs),
-        "data/dropped_pairs": train_report.dropped + (val_report.dropped if val_report else 0),
-        "data/truncated_pairs": train_report.prompt_truncated + train_report.answer_truncated,
-    }
+    metrics: dict[str, Any] = {"data/train_pairs": len(train_pairs), "data/val_pairs": len(val_pairs)}
+    if train_report is not None:
+        metrics["data/dropped_pairs"] = train_report.dropped + (val_report.dropped if val_report else 0)
+        metrics["data/truncated_pairs"] = train_report.prompt_truncated + train_report.answer_truncated
     try:
         if loss is not Loss.none:
             trainer.fit(
@@ -273,6 +320,7 @@ def student_stage(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the configured stages and returns the flat results dict (also in results.json)."""
+    check_student_fits_task(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     stage = Stage(cfg.stage)
@@ -289,6 +337,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results.update(json.loads((prefs_dir / "stats.json").read_text()))
             train_rows = read_preference_rows(prefs_dir / "prefs.jsonl")[: cfg.task.max_samples]
             val_rows = read_preference_rows(prefs_dir / "val.jsonl")
+            if cfg.task.student_modality == "image":  # JSONL holds no pixels: images come by sample id
+                images = {s.id: s.image for split in ("train", "val") for s in task.splits[split]}
+                for row in train_rows + val_rows:
+                    row["images"] = [images[row["id"]]]
     elif stage in (Stage.teacher, Stage.prefs):
         raise ValueError(
             f"stage={stage} needs a pipeline task (e.g. task=rare_disease); task={cfg.task.name} starts at the student"

@@ -80,3 +80,62 @@ def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_c
 def test_teacher_and_prefs_stages_need_a_pipeline_task(make_cfg, tmp_path):
     with pytest.raises(ValueError, match="needs a pipeline task"):
         run(make_cfg("task=example", "stage=teacher", "debug=smoke"))
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
+def test_tissue_pipeline_trains_a_vision_student_on_image_only_prompts(make_cfg, tmp_path, method):
+    results = run(
+        make_cfg("experiment=tissue", f"optim={method}", "debug=smoke", output_dir=tmp_path / method)
+    )
+    assert results["train/steps"] == 12
+    assert {
+        "teacher/test/top1",
+        "teacher/test/topk",
+        "test/format_valid",
+        "test/topk",
+        "val/loss",
+    } <= results.keys()
+    assert (tmp_path / method / "student" / "adapter" / "adapter_model.safetensors").exists()
+    prediction = json.loads((tmp_path / method / "eval" / "predictions.jsonl").read_text().splitlines()[0])
+    assert prediction["truth"] in [
+        "Adrenal Glands",
+        "Bile Duct",
+        "Bladder",
+        "Breast",
+        "Cervix",
+        "Colon",
+        "Esophagus",
+        "Head & Neck",
+        "Kidney",
+        "Liver",
+        "Lung",
+        "Ovarian",
+        "Pancreatic",
+        "Prostate",
+        "Skin",
+        "Stomach",
+        "Testis",
+        "Thyroid",
+        "Uterus",
+    ]
+
+
+def test_tissue_prompts_carry_the_image_not_the_description(make_cfg, shared_cache, tmp_path):
+    run(make_cfg("experiment=tissue", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
+    entry = next(
+        e
+        for e in (shared_cache / "prefs").iterdir()
+        if "MOST_LIKELY_TISSUE" in (e / "prefs.jsonl").read_text()
+    )
+    row = json.loads((entry / "prefs.jsonl").read_text().splitlines()[0])
+    user = row["prompt"][1]["content"]
+    assert user[0] == {"type": "image"} and "nuclei" not in user[1]["text"].lower()
+    table = datasets.load_from_disk(str(entry / "dataset"))
+    assert "images" in table.column_names and len(table) == len(
+        (entry / "prefs.jsonl").read_text().splitlines()
+    )
+
+
+def test_a_text_student_on_the_image_task_is_a_clear_error(make_cfg, tmp_path):
+    with pytest.raises(ValueError, match="student=tiny_llama is a text model"):
+        run(make_cfg("experiment=tissue", "student=tiny_llama", "debug=smoke"))

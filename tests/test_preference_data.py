@@ -167,7 +167,7 @@ MALFORMED_CONV = {  # bad line 2 after a good conversational row
     "content_not_str": (
         {**conv_row(), "chosen": [{"role": "assistant", "content": 1}]},
         "chosen",
-        "string 'content'",
+        "'content' is a string or a list",
     ),
     "empty_messages": ({**conv_row(), "chosen": []}, "chosen", "empty"),
     "messages_wrong_type": ({**conv_row(), "chosen": "text"}, "chosen", "list of messages"),

@@ -148,12 +148,35 @@ def _check_messages(key: str, messages: Any) -> None:
     if not messages:
         raise _RowError(key, "empty")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise _RowError(key, f"message {i} must be an object with a string 'content'")
+        if not isinstance(message, dict) or not _valid_content(message.get("content")):
+            raise _RowError(
+                key,
+                f"message {i} must be an object whose 'content' is a string or a list of "
+                "{'type': 'text', 'text': ...} / {'type': 'image'} parts",
+            )
         if message.get("role") not in ROLES:
             raise _RowError(key, f"message {i} has role {message.get('role')!r}; expected one of {ROLES}")
-    if not any(message["content"].strip() for message in messages):
+    if not any(_content_text(message["content"]).strip() for message in messages):
         raise _RowError(key, "empty")
+
+
+def _valid_content(content: Any) -> bool:
+    """A string, or (vision prompts, as TRL writes them) a list of text and image parts."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(part, dict)
+        and (
+            part.get("type") == "image" or (part.get("type") == "text" and isinstance(part.get("text"), str))
+        )
+        for part in content
+    )
+
+
+def _content_text(content: str | list[dict]) -> str:
+    return (
+        content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+    )
 
 
 def _split_implicit_prompt(chosen: Any, rejected: Any) -> dict:
@@ -176,7 +199,7 @@ def pairs_to_texts(rows: Sequence[dict]) -> list[str]:
     for row in rows:
         for key in PAIR_KEYS:
             value = row[key]
-            texts.extend([value] if isinstance(value, str) else [m["content"] for m in value])
+            texts.extend([value] if isinstance(value, str) else [_content_text(m["content"]) for m in value])
     return texts
 
 

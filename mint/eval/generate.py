@@ -62,3 +62,38 @@ def generate_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+@torch.inference_mode()
+def generate_vision_answers(
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    images: list[Any],
+    settings: DecodingSettings,
+) -> list[str]:
+    """One answer per (prompt with one image part, image), through the model's processor."""
+    tokenizer = processor.tokenizer
+    was_training = model.training
+    model.eval()
+    config = settings.generation_config(tokenizer)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
+            chunk = slice(start, start + settings.batch_size)
+            texts = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                for p in prompts[chunk]
+            ]
+            batch = processor(
+                images=[[image] for image in images[chunk]], text=texts, padding=True, return_tensors="pt"
+            ).to(model.device)
+            output = model.generate(**batch, generation_config=config)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers

@@ -32,8 +32,13 @@ class PromptTemplate:
 
     def messages(self, sample: Sample, with_image: bool) -> list[dict[str, Any]]:
         user_text = self.user.format(text=sample.text)
-        content: Any = [{"type": "image"}, {"type": "text", "text": user_text}] if with_image else user_text
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
+        if not with_image:
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": user_text}]
+        # Vision chat format (TRL's too): every content a list of parts, so a dataset column has one type.
+        return [
+            {"role": "system", "content": [{"type": "text", "text": self.system}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
+        ]
 
 
 def choose_labels(
