@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mint.cache import cached, config_key
 from mint.data.task_data import TaskData
 from mint.eval.answers import answer_metrics
-from mint.eval.generate import DecodingSettings, generate_answers, generate_vision_answers
+from mint.eval.generate import DecodingSettings, generate_answers
 from mint.eval.ranking import score_candidates
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
@@ -166,10 +166,8 @@ def eval_stage(
         top_k=settings.top_k,
         batch_size=settings.batch_size,
     )
-    if sees_image:
-        answers = generate_vision_answers(model, tokenizer, prompts, [s.image for s in samples], decoding)
-    else:
-        answers = generate_answers(model, tokenizer, prompts, decoding)
+    images = [s.image for s in samples] if sees_image else None
+    answers = generate_answers(model, tokenizer, prompts, decoding, images=images)
     ranked = teacher.ranked_indices("test")[: len(samples)]
     teacher_top = [[task.labels[j] for j in row[: fmt.n]] for row in ranked]
     teacher_bottom = [[task.labels[j] for j in row[-cfg.task.prefs.q :]] for row in ranked]

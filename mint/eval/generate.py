@@ -37,63 +37,42 @@ class DecodingSettings:
 
 @torch.inference_mode()
 def generate_answers(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict]], settings: DecodingSettings
-) -> list[str]:
-    """One answer per conversational prompt (message list), decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    config = settings.generation_config(tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
-    answers: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
-            texts = [
-                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                for p in prompts[start : start + settings.batch_size]
-            ]
-            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
-                model.device
-            )
-            output = model.generate(**batch, generation_config=config)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return answers
-
-
-@torch.inference_mode()
-def generate_vision_answers(
     model: torch.nn.Module,
-    processor: Any,
+    tokenizer: Any,
     prompts: list[list[dict]],
-    images: list[Any],
     settings: DecodingSettings,
+    images: list[Any] | None = None,
 ) -> list[str]:
-    """One answer per (prompt with one image part, image), through the model's processor."""
-    tokenizer = processor.tokenizer
+    """One answer per conversational prompt (message list), decoded without special tokens.
+
+    With `images` (one per prompt, whose user turn holds one image part) `tokenizer` is the
+    vision student's processor, which turns text and image into the model's inputs.
+    """
+    text_tokenizer = tokenizer.tokenizer if images is not None else tokenizer
     was_training = model.training
     model.eval()
-    config = settings.generation_config(tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    config = settings.generation_config(text_tokenizer)
+    side = text_tokenizer.padding_side
+    text_tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
     answers: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
             chunk = slice(start, start + settings.batch_size)
             texts = [
-                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                text_tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                 for p in prompts[chunk]
             ]
-            batch = processor(
-                images=[[image] for image in images[chunk]], text=texts, padding=True, return_tensors="pt"
-            ).to(model.device)
+            if images is None:
+                batch = text_tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            else:
+                batch = tokenizer(
+                    images=[[i] for i in images[chunk]], text=texts, padding=True, return_tensors="pt"
+                )
+            batch = batch.to(model.device)
             output = model.generate(**batch, generation_config=config)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            answers.extend(text_tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
+        text_tokenizer.padding_side = side
         model.train(was_training)
     return answers
