@@ -165,6 +165,10 @@ def test_tissue_spellings_normalise() -> None:
             lambda root: np.save(root / "Fold 3/masks/fold3/masks.npy", np.zeros((2, 16, 16, 5))),
             "5 nucleus classes",
         ),
+        (  # images that do not decode: a file cut short
+            lambda root: (root / "Fold 3/images/fold3/images.npy").write_bytes(b"\x93NUMPY\x01\x00garbage"),
+            "not a readable",
+        ),
     ],
 )
 def test_pannuke_errors_name_the_path_and_layout(tmp_path: Path, break_it, match: str) -> None:

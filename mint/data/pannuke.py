@@ -93,7 +93,10 @@ def _fold_files(root: Path, fold: int) -> tuple[Path, Path, Path | None]:
 
 def _load_fold(root: Path, fold: int, image_size: int | None) -> list[Sample]:
     images_path, types_path, masks_path = _fold_files(root, fold)
-    images = np.load(images_path, mmap_mode="r")
+    try:
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # truncated, not .npy, or an object array
+        raise ValueError(f"{images_path}: not a readable N x H x W x 3 .npy image array: {err}") from None
     try:
         types = np.load(types_path, allow_pickle=False)
     except ValueError as err:  # an object array: refuse to unpickle, say how to re-save it

@@ -201,6 +201,7 @@ class PreferenceModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute_loss(batch)
         if not torch.isfinite(loss):
+            # Raised before backward: the weights are still those of the last finite step.
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                 "lower optim.optimizer.lr or check the data. The last checkpoint is kept."
@@ -215,8 +216,11 @@ class PreferenceModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)
         batch_size = len(batch["prompt_lengths"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, on_epoch=True)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, on_epoch=True)
+        # sync_dist: under DDP each process sees a share of the pairs; the logged value is their mean
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, on_epoch=True, sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, on_epoch=True, sync_dist=True
+        )
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -233,8 +237,36 @@ class PreferenceModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A finite loss can still give an inf/NaN gradient (an overflow in backward); one such
+        # step turns every weight NaN and the next checkpoint would keep them. Stop first.
+        # fp16 mixed precision is the exception: its GradScaler skips those steps by design.
+        if self.trainer.precision == "16-mixed":
+            return
+        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads.values()]).all():
+            return  # one device sync per step, not one per parameter
+        bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
+        raise FloatingPointError(
+            f"non-finite gradient at step {self.global_step} in {len(bad)} parameter(s), e.g. "
+            f"{bad[0]}; lower optim.optimizer.lr or check the data. The weights were not "
+            "updated and the last checkpoint is kept."
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the trainable weights only: a 3B base would otherwise be copied
         # into every checkpoint although it never changes.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Never replace a good checkpoint with broken weights (Lightning calls this hook before
+        # it writes the file, so raising here leaves the previous checkpoint as it was).
+        broken = [
+            k
+            for k, v in checkpoint["state_dict"].items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+        if broken:
+            raise FloatingPointError(
+                f"refusing to checkpoint non-finite weights at step {self.global_step} "
+                f"({len(broken)} tensor(s), e.g. {broken[0]}); the last checkpoint is kept"
+            )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -224,6 +225,21 @@ class _FitSpec:
     monitor: str
 
 
+def load_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The `state_dict` of a Lightning checkpoint, unpickled with weights_only=True.
+
+    A checkpoint is data: the restricted unpickler accepts tensors and plain containers and
+    refuses anything that would run code on load (a tampered or foreign file).
+    """
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(
+            f"{path}: refusing to load a checkpoint that holds more than weights and plain data ({err})"
+        ) from err
+    return checkpoint["state_dict"]
+
+
 def _fit(
     spec: _FitSpec, task: TaskData, train: Dataset, val: Dataset, *, seed: int, ckpt_dir: Path, desc: str
 ) -> tuple[TeacherModule, L.Trainer, Path]:
@@ -257,8 +273,7 @@ def _fit(
     val_loader = DataLoader(val, batch_size=spec.batch_size)
     trainer.fit(teacher, train_loader, val_loader)
     best = Path(checkpoint.best_model_path)
-    state = torch.load(best, map_location=teacher.device, weights_only=False)["state_dict"]
-    teacher.load_state_dict(state)
+    teacher.load_state_dict(load_state_dict(best, teacher.device))
     log.info(
         "%s: %d epochs, best %s=%.4f", desc, trainer.current_epoch, spec.monitor, checkpoint.best_model_score
     )

@@ -1,0 +1,408 @@
+"""Reliability and safety (issue 8): resume after kill -9, bad input, determinism, safe loading,
+no secrets on disk, non-finite losses.
+
+Complements tests/test_cache.py (atomic cache entries), tests/test_run.py (resume via ckpt_path,
+same seed same numbers on the example task), tests/test_preference_data.py (malformed rows) and
+tests/test_config.py (config typos), without repeating them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
+from omegaconf import open_dict
+
+import mint.run
+import mint.student.load as load_module
+from mint.cache import cached, config_key, verify
+from mint.data.task_data import Sample, TaskData
+from mint.optim.module import PreferenceModule
+from mint.report import REDACTED, scrub, secret_values
+from mint.resume import comparable_config, find_resume_checkpoint, start_checkpoint
+from mint.run import run
+from mint.student import load_student
+from mint.student.tiny import train_tokenizer
+from mint.teacher.stage import load_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+SMOKE = ("task=example", "debug=smoke")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
+def _mint(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`python -m mint.run ARGS`, stdout and stderr into `log` (a file: a pipe nobody reads
+    while the run goes on could fill up and block it)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mint.run", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+
+
+class StallOnce(L.Callback):
+    """Test helper: the first run blocks at `at_step` (after a checkpoint exists) until killed;
+    a rerun (the marker file exists) passes straight through."""
+
+    def __init__(self, at_step: int, marker: str) -> None:
+        self.at_step = at_step
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+class Notify(L.Callback):
+    """Test helper: a callback configured with a token, as a chat-notification callback would be."""
+
+    def __init__(self, token: str, channel: str = "") -> None:
+        self.token = token
+        self.channel = channel
+
+
+# --- 1. kill -9 during student training, then resume=true ----------------------------
+def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
+    make_cfg, tmp_path, shared_cache
+):
+    """SIGKILL after the step-8 checkpoint; the same command + resume=true finishes from it.
+
+    Tolerance: val/loss within 1e-5 absolute (the reference run is in-process, possibly with
+    another torch thread count), val/rewards/accuracies and the step count exact.
+    """
+    run_dir, marker = tmp_path / "run", tmp_path / "stalled"
+    args = [
+        *SMOKE,
+        "optim=orpo",
+        "logger=csv",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={shared_cache}",  # the tiny student of the reference run below
+        "+callbacks.stall._target_=tests.test_reliability.StallOnce",
+        "+callbacks.stall.at_step=10",
+        f"+callbacks.stall.marker={marker}",
+    ]
+    first_log = tmp_path / "first.log"
+    proc = _mint(args, _env(), first_log)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before stalling:\n{first_log.read_text()[-3000:]}"
+            assert time.time() < deadline, "the run never reached step 10"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()  # no-op once it is dead; ends it if an assertion above failed
+    assert proc.returncode == -signal.SIGKILL
+    checkpoints = run_dir / "student" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+
+    rerun = _mint([*args, "resume=true"], _env(), tmp_path / "rerun.log")
+    rerun.wait(timeout=300)
+    output = (tmp_path / "rerun.log").read_text()
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resume=true: continuing from" in output and str(checkpoints / "last.ckpt") in output
+    resumed = json.loads((run_dir / "results.json").read_text())
+
+    full = run(make_cfg(*SMOKE, "optim=orpo", output_dir=tmp_path / "full"))
+    assert resumed["train/steps"] == full["train/steps"] == 12
+    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
+    assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
+
+
+def _fake_run(log_dir: Path, name: str, config: dict, age_s: float = 0) -> Path:
+    folder = log_dir / "runs" / "2026-11-28" / name
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    last = folder / "student" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"ckpt")
+    os.utime(last, (time.time() - age_s, time.time() - age_s))
+    return last
+
+
+def test_resume_true_in_a_new_timestamped_folder_finds_the_newest_earlier_run_with_this_config(
+    make_cfg, tmp_path
+):
+    cfg = make_cfg(*SMOKE, "resume=true", output_dir=tmp_path / "runs" / "2026-11-28" / "10-00-00_new")
+    mine = json.loads(json.dumps(comparable_config(cfg)))  # what .hydra/config.yaml holds
+    older = _fake_run(tmp_path, f"08-00-00_{cfg.run_name}", {**mine, "resume": False}, age_s=600)
+    newer = _fake_run(tmp_path, f"09-00-00_{cfg.run_name}", mine, age_s=60)
+    _fake_run(tmp_path, f"09-30-00_{cfg.run_name}", {**mine, "seed": 7})  # another config: never resumed
+    _fake_run(tmp_path, "09-40-00_other-run", mine)  # another run_name
+    assert find_resume_checkpoint(cfg) == newer
+    assert older.is_file()
+
+    fresh = make_cfg(*SMOKE, "resume=true", "seed=3", output_dir=tmp_path / "runs" / "x" / "y")
+    assert start_checkpoint(fresh) is None  # nothing with this config: start from scratch
+
+    both = make_cfg(*SMOKE, "resume=true", f"ckpt_path={newer}")
+    with pytest.raises(ValueError, match="set only one"):
+        start_checkpoint(both)
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*nope\.ckpt"):
+        start_checkpoint(make_cfg(*SMOKE, f"ckpt_path={tmp_path}/nope.ckpt"))
+
+
+def test_a_cache_build_killed_by_sigkill_leaves_a_temp_folder_that_is_never_read(tmp_path):
+    """A SIGKILL skips every cleanup: what is left is a dot-folder beside the entry, never the entry."""
+    config = {"k": 10}
+    key = config_key(config)
+    leftover = tmp_path / "prefs" / f".{key}.abc123"  # what `cached` was building when killed
+    leftover.mkdir(parents=True)
+    (leftover / "prefs.jsonl").write_text('{"half": ')
+    entry = cached(tmp_path, "prefs", config, lambda f: (f / "prefs.jsonl").write_text("{}\n"))
+    assert entry.name == key and verify(entry) and (entry / "prefs.jsonl").read_text() == "{}\n"
+
+
+# --- 2. bad input: clear message, non-zero exit, nothing half-written --------------------
+def test_unknown_task_name_is_named():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(MissingConfigException) as err:
+            compose("config", overrides=["task=nope"])
+    assert "task/nope" in str(err.value) or "'nope'" in str(err.value)
+
+
+def test_a_vision_student_on_the_text_task_stops_before_any_work(make_cfg):
+    """(The reverse, a text student on the image task, is in tests/test_pipeline.py; from the
+    command line Hydra turns the error into exit status 1.)"""
+    cfg = make_cfg(*SMOKE, "student=tiny_mllama")
+    with pytest.raises(ValueError, match="student=tiny_mllama is a vision model.*student=tiny_llama"):
+        run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert not (run_dir / "results.json").exists() and not (run_dir / "student").exists()
+
+
+def test_4bit_without_a_usable_bitsandbytes_names_the_key_and_writes_no_results(make_cfg, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        load_module.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args),
+    )
+    cfg = make_cfg(*SMOKE, "quant=nf4")
+    with pytest.raises(ImportError, match=r"student\.quantization.*bitsandbytes"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_a_label_outside_the_label_set_names_the_sample_and_the_range():
+    with pytest.raises(ValueError, match=r"test sample 'p3': label 2 outside 0\.\.1"):
+        TaskData(
+            "toy",
+            ["A", "B"],
+            {
+                "train": [Sample("p1", 0, "note one")],
+                "val": [Sample("p2", 1, "note two")],
+                "test": [Sample("p3", 2, "note three")],
+            },
+        )
+
+
+# --- 3. determinism of the whole pipeline ---------------------------------------------------
+def test_same_seed_gives_a_byte_identical_preference_set_and_identical_metrics(make_cfg, tmp_path):
+    """rare_disease at smoke size, twice, each with its own empty cache; then another seed."""
+    args = ("task=rare_disease", "debug=smoke", "optim=sft", "trainer.max_steps=3", "task.eval.max_samples=4")
+
+    def pipeline(name: str, *extra: str) -> tuple[dict, bytes]:
+        cfg = make_cfg(*args, *extra, output_dir=tmp_path / name)
+        cfg.paths.cache_dir = str(tmp_path / f"cache_{name}")
+        results = run(cfg)
+        (prefs,) = (tmp_path / f"cache_{name}" / "prefs").glob("*/prefs.jsonl")
+        return results, prefs.read_bytes()
+
+    first, first_prefs = pipeline("a")
+    second, second_prefs = pipeline("b")
+    other, other_prefs = pipeline("c", "seed=7", "stage=prefs")
+    assert first_prefs == second_prefs and len(first_prefs.splitlines()) > 10
+    timings = [k for k in first if "time" in k or k.endswith("_per_s") or k.endswith("total_s")]
+    assert {k: v for k, v in first.items() if k not in timings} == {
+        k: v for k, v in second.items() if k not in timings
+    }
+    assert {"test/top1", "teacher/test/top1", "val/loss"} <= first.keys()
+    assert other_prefs != first_prefs
+    assert other["teacher/test/mrr"] != first["teacher/test/mrr"]
+
+
+# --- 5. safe loading, no secrets on disk -----------------------------------------------------
+class _RunsCode:
+    """Unpickling this touches a file: what a malicious checkpoint would do, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_teacher_checkpoints_load_weights_only_and_refuse_code(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"lr": 1e-3}}, good)
+    assert torch.equal(load_state_dict(good)["w"], torch.ones(2))
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(pickle.UnpicklingError, match="evil.ckpt: refusing"):
+        load_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_remote_code_in_a_model_folder_never_runs_unless_the_user_trusts_it(tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for student in sorted(p.stem for p in (Path(CONF_DIR) / "student").glob("*.yaml")):
+            assert compose("config", overrides=[f"student={student}"]).student.trust_remote_code is False
+
+    folder, marker = tmp_path / "remote-model", tmp_path / "remote_code_ran"
+    train_tokenizer(["a note", "an answer"], vocab_size=300).save_pretrained(folder)  # loads fine
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+            }
+        )
+    )
+    (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    with pytest.raises(ValueError, match="(?s)custom code.*trust_remote_code=True"):
+        load_student(str(folder), cache_dir=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_secret_scrubbing_of_configs():
+    secrets = secret_values(
+        {"WANDB_API_KEY": "wandb-secret-123", "HF_TOKEN": "hf_abcdefgh", "TOKENIZERS_PARALLELISM": "false"}
+    )
+    assert secrets == {"wandb-secret-123", "hf_abcdefgh"}
+    config = {
+        "logger": {"api_key": "typed-in-literally", "name": "run-wandb-secret-123"},
+        "student": {"pad_token_id": 0, "max_new_tokens": 5, "name": "tiny"},
+        "tags": ["hf_abcdefgh", "orpo"],
+    }
+    assert scrub(config, secrets) == {
+        "logger": {"api_key": REDACTED, "name": f"run-{REDACTED}"},
+        "student": {"pad_token_id": 0, "max_new_tokens": 5, "name": "tiny"},
+        "tags": [REDACTED, "orpo"],
+    }
+
+
+def test_the_logged_config_has_env_secrets_redacted(make_cfg, monkeypatch):
+    """build_loggers resolves the config (so ${oc.env:...} becomes the secret) before logging it."""
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789abcdef")
+    cfg = make_cfg(*SMOKE, "logger=csv")
+    with open_dict(cfg):
+        cfg.callbacks.notify = {"_target_": "my.Notify", "token": "${oc.env:WANDB_API_KEY}"}
+    (csv_logger,) = mint.run.build_loggers(cfg)
+    csv_logger.save()
+    files = [p for p in Path(cfg.paths.output_dir).rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["hparams.yaml"]
+    assert b"wandb-key-0123456789abcdef" not in files[0].read_bytes()
+    assert yaml.safe_load(files[0].read_text())["callbacks"]["notify"]["token"] == REDACTED
+
+
+@pytest.mark.slow  # two CLI start-ups' worth (about 25 s); the fast test above covers the logged config
+def test_no_secret_reaches_any_file_of_the_run_folder(tmp_path):
+    """WANDB_API_KEY interpolated into the config and HF_TOKEN typed on the command line: neither
+    appears in .hydra/, the CSV and W&B loggers' files, results or logs."""
+    wandb_key, hf_token = "wandb-key-0123456789abcdef", "hf_TOKEN0123456789"
+    run_dir = tmp_path / "run"
+    proc = _mint(
+        [
+            *SMOKE,
+            "trainer.max_steps=2",
+            "logger=wandb",
+            "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger",
+            "+logger.csv.save_dir=${paths.output_dir}",
+            "+logger.csv.name=csv",
+            "+callbacks.notify._target_=tests.test_reliability.Notify",
+            "+callbacks.notify.token=${oc.env:WANDB_API_KEY}",
+            f"+callbacks.notify.channel={hf_token}",
+            f"hydra.run.dir={run_dir}",
+            f"paths.log_dir={tmp_path}",
+        ],
+        _env(WANDB_MODE="offline", WANDB_API_KEY=wandb_key, HF_TOKEN=hf_token),
+        tmp_path / "cli.log",  # the terminal's output, outside the run folder
+    )
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    (hparams,) = [p for p in files if p.name == "hparams.yaml"]
+    assert any(p.suffix == ".wandb" for p in files) and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    leaked = [str(p) for p in files for s in (wandb_key, hf_token) if s.encode() in p.read_bytes()]
+    assert leaked == []
+    notify = yaml.safe_load(hparams.read_text())["callbacks"]["notify"]
+    assert notify["token"] == notify["channel"] == REDACTED  # the config was logged, scrubbed
+
+
+# --- 6. non-finite loss or gradient: a clear stop, the last good checkpoint kept ---------------
+class _NaNGradient(torch.autograd.Function):
+    """Adds 0 to the loss, sends NaN back as the gradient: an overflow inside backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full(ctx.shape, float("nan"))
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatch, where):
+    class Broken(PreferenceModule):
+        def compute_loss(self, batch):
+            loss, metrics = super().compute_loss(batch)
+            if self.training and self.global_step == 5:
+                if where == "loss":
+                    loss = loss * float("nan")
+                else:  # a finite loss whose gradient overflows
+                    param = next(p for p in self.parameters() if p.requires_grad)
+                    loss = loss + _NaNGradient.apply(param)
+            return loss, metrics
+
+    monkeypatch.setattr(mint.run, "PreferenceModule", Broken)
+    cfg = make_cfg(*SMOKE, "callbacks.model_checkpoint.every_n_train_steps=2")
+    with pytest.raises(
+        FloatingPointError, match=rf"non-finite (training )?{where}.* at step 5.*checkpoint is kept"
+    ):
+        run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    last = torch.load(run_dir / "student" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (run_dir / "results.json").exists()
