@@ -1,0 +1,451 @@
+"""Does the MINT student beat SFT, RAG, DPO and the untouched base? One command, several seeds.
+
+    .venv/bin/python experiments/compare.py task=rare_disease --seeds 1 2 3 [overrides ...]
+    .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3
+    .venv/bin/python experiments/compare.py task=rare_disease debug=smoke --seeds 1 2 --methods none rag
+
+What it does:
+1. one Hydra sweep `python -m mint.run --multirun seed=S1,S2,.. optim=none,sft,rag,dpo,orpo` in a
+   subprocess (the real CLI; the basic launcher runs the jobs one after another in one process).
+   The stage cache makes it train one teacher and build one preference set per seed, shared by
+   every method of that seed. W&B runs are grouped: group = the sweep name, job_type = method;
+2. one `stage=teacher` sweep over the same seeds with the unimodal teacher (rare_disease: the
+   note only, `teacher.model.modalities=[text]`; tissue: the image tower without descriptions,
+   `teacher.model.contrastive_weight=0`), a reference line beside the multimodal teacher;
+3. reads every run's results.json and writes into the output folder:
+   comparison.md, comparison.csv (per method), comparison_runs.csv (per method and seed),
+   comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
+   sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
+
+Statistics. Per method: the mean over seeds, the sample standard deviation over seeds and the
+min-max range (seed noise: teacher, preference set, student initialisation and data order all
+change with the seed). CI columns: each run's own 95% bootstrap interval over its test samples
+(test-sample noise), shown per seed in comparison_runs.csv and the second table, and averaged
+over seeds (mean of the lower bounds, mean of the upper bounds) in comparison.csv. Same seeds,
+same overrides, same machine kind: same tables (the runs are deterministic on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("none", "sft", "rag", "dpo", "orpo")
+# results.json keys (without the "test/" prefix) shown per student method; teachers have top1/topk.
+METRICS = ("top1", "topk", "format_valid", "rank_top1", "rank_topk", "car")
+HEADERS = {
+    "top1": "top-1",
+    "topk": "top-k",
+    "format_valid": "format valid",
+    "rank_top1": "rank top-1",
+    "rank_topk": "rank top-k",
+    "car": "CAR",
+}
+# The teacher that sees only what the student sees, per task: (row name, overrides).
+UNIMODAL_TEACHER = {
+    "rare_disease": ("teacher (note only)", ["teacher.model.modalities=[text]"]),
+    "tissue": ("teacher (image only)", ["teacher.model.contrastive_weight=0"]),
+}
+MULTIMODAL_TEACHER = "teacher (multimodal)"
+
+
+@dataclass
+class RunResult:
+    method: str  # an optim name, or a teacher row's name
+    kind: str  # "student" | "reference"
+    seed: int
+    values: dict[str, float]  # metric -> value, plus metric_ci_low / metric_ci_high when known
+    folder: Path
+
+
+# --- running -------------------------------------------------------------------------
+def task_name(overrides: list[str]) -> str:
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("task=")]
+    if len(names) != 1:
+        raise SystemExit("give the task as one override: task=rare_disease or task=tissue")
+    return names[0]
+
+
+def sweep_commands(
+    *,
+    overrides: list[str],
+    seeds: list[int],
+    methods: list[str],
+    name: str,
+    runs_dir: Path,
+    unimodal: list[str] | None,
+    wandb_mode: str,
+) -> list[list[str]]:
+    """The `mint.run --multirun` command lines: the methods' sweep, then the unimodal teachers'."""
+    seed_list = "seed=" + ",".join(str(s) for s in seeds)
+    # W&B runs grouped by sweep (job_type is the method: conf/logger/wandb.yaml), unless the
+    # caller picked another logger or switched W&B off.
+    chosen = [o for o in overrides if o.startswith("logger=")]
+    wandb: list[str] = []
+    if chosen == ["logger=wandb"] or (not chosen and wandb_mode != "disabled"):
+        wandb = ([] if chosen else ["logger=wandb"]) + [f"logger.wandb.group={name}"]
+        if wandb_mode == "online":
+            wandb.append("logger.wandb.offline=false")
+    main = [
+        sys.executable,
+        "-m",
+        "mint.run",
+        "--multirun",
+        seed_list,
+        "optim=" + ",".join(methods),
+        *overrides,
+        *wandb,
+        f"hydra.sweep.dir={runs_dir / 'methods'}",
+        "hydra.sweep.subdir=${optim.name}_seed${seed}",
+    ]
+    commands = [main]
+    if unimodal is not None:
+        commands.append(
+            [
+                sys.executable,
+                "-m",
+                "mint.run",
+                "--multirun",
+                seed_list,
+                "stage=teacher",
+                *overrides,
+                *unimodal,
+                f"hydra.sweep.dir={runs_dir / 'unimodal_teacher'}",
+                "hydra.sweep.subdir=seed${seed}",
+            ]
+        )
+    return commands
+
+
+def run_commands(commands: list[list[str]], wandb_mode: str) -> None:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["WANDB_MODE"] = wandb_mode
+    for command in commands:
+        print("+", shlex.join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+# --- collecting ----------------------------------------------------------------------
+def _values(results: dict, prefix: str, metrics: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for metric in metrics:
+        for suffix in ("", "_ci_low", "_ci_high"):
+            key = f"{prefix}{metric}{suffix}"
+            if results.get(key) is not None:
+                out[metric + suffix] = float(results[key])
+    return out
+
+
+def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
+    """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed."""
+    folders = sorted(p for p in (runs_dir / "methods").iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"no runs under {runs_dir / 'methods'}")
+    runs: list[RunResult] = []
+    teachers: dict[int, RunResult] = {}
+    for folder in folders:
+        results_file = folder / "results.json"
+        if not results_file.is_file():
+            raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
+        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        results = json.loads(results_file.read_text())
+        seed = int(config.seed)
+        runs.append(
+            RunResult(str(config.optim.name), "student", seed, _values(results, "test/", METRICS), folder)
+        )
+        teacher = RunResult(
+            MULTIMODAL_TEACHER, "reference", seed, _values(results, "teacher/test/", ("top1", "topk")), folder
+        )
+        if seed in teachers and teachers[seed].values != teacher.values:
+            raise ValueError(
+                f"seed {seed}: runs disagree on the teacher ({teachers[seed].folder} vs {folder})"
+            )
+        teachers.setdefault(seed, teacher)
+    runs += [teachers[s] for s in sorted(teachers)]
+    if unimodal_name is not None:
+        for folder in sorted(p for p in (runs_dir / "unimodal_teacher").iterdir() if p.is_dir()):
+            config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+            results = json.loads((folder / "results.json").read_text())
+            runs.append(
+                RunResult(
+                    unimodal_name,
+                    "reference",
+                    int(config.seed),
+                    _values(results, "teacher/test/", ("top1", "topk")),
+                    folder,
+                )
+            )
+    return runs
+
+
+# --- aggregating -----------------------------------------------------------------------
+def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
+    """One row per method (in `order`): n_seeds and, per metric, mean/std/min/max over seeds and
+    the per-seed bootstrap CI bounds averaged over seeds. std is the sample std (ddof=1; 0 for one seed)."""
+    rows = []
+    for method in order:
+        group = sorted((r for r in runs if r.method == method), key=lambda r: r.seed)
+        if not group:
+            continue
+        row: dict = {"method": method, "kind": group[0].kind, "n_seeds": len(group)}
+        for metric in METRICS:
+            values = np.array([r.values[metric] for r in group if metric in r.values])
+            if len(values) == 0:
+                continue
+            row |= {
+                f"{metric}_mean": float(values.mean()),
+                f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                f"{metric}_min": float(values.min()),
+                f"{metric}_max": float(values.max()),
+            }
+            for bound in ("ci_low", "ci_high"):
+                bounds = [r.values[f"{metric}_{bound}"] for r in group if f"{metric}_{bound}" in r.values]
+                if len(bounds) == len(values):
+                    row[f"{metric}_{bound}"] = float(np.mean(bounds))
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict], base: list[str]) -> list[str]:
+    keys = {k for row in rows for k in row}
+    ordered = [k for k in base if k in keys]
+    for metric in METRICS:
+        for stat in ("", "_mean", "_std", "_min", "_max", "_ci_low", "_ci_high"):
+            if metric + stat in keys:
+                ordered.append(metric + stat)
+    return ordered
+
+
+def write_csv(path: Path, rows: list[dict], base: list[str]) -> None:
+    columns = _columns(rows, base)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def markdown(task: str, summary: list[dict], runs: list[RunResult], command: str) -> str:
+    shown = [m for m in METRICS if any(f"{m}_mean" in row for row in summary)]
+    lines = [
+        f"# MINT comparison: {task}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Each cell: mean over seeds ± sample std over seeds [min-max over seeds]. Teacher rows are",
+        "reference lines (the teacher sees more than the student). Per-seed values with each run's",
+        "95% bootstrap CI over its test samples are in the second table.",
+        "",
+        "| method | seeds | " + " | ".join(HEADERS[m] for m in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for row in summary:
+        cells = []
+        for m in shown:
+            if f"{m}_mean" not in row:
+                cells.append("—")
+                continue
+            cells.append(
+                f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f} [{row[f'{m}_min']:.3f}-{row[f'{m}_max']:.3f}]"
+            )
+        name = f"*{row['method']}*" if row["kind"] == "reference" else f"**{row['method']}**"
+        lines.append(f"| {name} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+    students = [r for r in summary if r["kind"] == "student" and "top1_std" in r]
+    if students and max(r["n_seeds"] for r in students) > 1:
+        noisiest = max(students, key=lambda r: r["top1_std"])
+        lines += [
+            "",
+            f"Seed noise: the std of top-1 over seeds reaches {noisiest['top1_std']:.3f} ({noisiest['method']});",
+            "two methods whose means differ by less than about twice that are not distinguishable here.",
+        ]
+    lines += ["", "| method | seed | " + " | ".join(f"{HEADERS[m]} [95% CI]" for m in shown) + " |"]
+    lines.append("|---|---|" + "---|" * len(shown))
+    order = {row["method"]: i for i, row in enumerate(summary)}
+    for run in sorted(runs, key=lambda r: (order.get(r.method, len(order)), r.seed)):
+        cells = []
+        for m in shown:
+            if m not in run.values:
+                cells.append("—")
+            elif f"{m}_ci_low" in run.values:
+                cells.append(
+                    f"{run.values[m]:.3f} [{run.values[f'{m}_ci_low']:.3f}, {run.values[f'{m}_ci_high']:.3f}]"
+                )
+            else:
+                cells.append(f"{run.values[m]:.3f}")
+        lines.append(f"| {run.method} | {run.seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, task: str, summary: list[dict], runs: list[RunResult]) -> None:
+    """Grouped bars (top-1, top-k) per method: mean over seeds, error bar = std, dots = seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = [row["method"] for row in summary]
+    x = np.arange(len(names))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 4.0))
+    for offset, metric, color in ((-width / 2, "top1", "tab:blue"), (width / 2, "topk", "tab:orange")):
+        means = [row.get(f"{metric}_mean", np.nan) for row in summary]
+        stds = [row.get(f"{metric}_std", 0.0) for row in summary]
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=3, color=color, label=HEADERS[metric])
+        for bar, row in zip(bars, summary, strict=True):
+            if row["kind"] == "reference":
+                bar.set_hatch("//")
+                bar.set_alpha(0.6)
+        for i, name in enumerate(names):
+            seeds = [r.values[metric] for r in runs if r.method == name and metric in r.values]
+            ax.scatter(np.full(len(seeds), x[i] + offset), seeds, s=10, color="black", zorder=3)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    n_seeds = max(row["n_seeds"] for row in summary)
+    ax.set_title(
+        f"MINT {task}: mean over {n_seeds} seed(s)\nerror bars = std over seeds, dots = seeds, hatched = teachers",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_wandb(
+    out_dir: Path, name: str, task: str, summary: list[dict], runs: list[RunResult], mode: str, project: str
+) -> None:
+    """The tables and the chart as one W&B run in the sweep's group (job_type = comparison)."""
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(
+        project=project,
+        group=name,
+        job_type="comparison",
+        name=f"{name}-comparison",
+        dir=str(out_dir),
+        mode=mode,
+        config={"task": task},
+    )
+    columns = _columns(summary, ["method", "kind", "n_seeds"])
+    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in summary])
+    per_run = [{"method": r.method, "kind": r.kind, "seed": r.seed} | r.values for r in runs]
+    run_columns = _columns(per_run, ["method", "kind", "seed"])
+    run.log(
+        {
+            "comparison/summary": table,
+            "comparison/runs": wandb.Table(
+                columns=run_columns, data=[[row.get(c) for c in run_columns] for row in per_run]
+            ),
+            "comparison/chart": wandb.Image(str(out_dir / "comparison.png")),
+        }
+    )
+    run.finish()
+
+
+def write_report(
+    out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str
+) -> list[dict]:
+    """comparison.md / .csv / _runs.csv / .png from the collected runs; returns the summary rows."""
+    summary = summarize(runs, order)
+    write_csv(out_dir / "comparison.csv", summary, ["method", "kind", "n_seeds"])
+    per_run = [
+        {"method": r.method, "kind": r.kind, "seed": r.seed} | r.values
+        for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))
+    ]
+    write_csv(out_dir / "comparison_runs.csv", per_run, ["method", "kind", "seed"])
+    (out_dir / "comparison.md").write_text(markdown(task, summary, runs, command))
+    plot(out_dir / "comparison.png", task, summary, runs)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run; task=... is required")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default outputs/comparisons/<name>)"
+    )
+    parser.add_argument("--name", default=None, help="sweep name = W&B group (default compare-<task>-<time>)")
+    parser.add_argument(
+        "--no-unimodal-teacher", action="store_true", help="skip the unimodal teacher's reference row"
+    )
+    parser.add_argument(
+        "--wandb", choices=("offline", "online", "disabled"), default=os.environ.get("WANDB_MODE", "offline")
+    )
+    parser.add_argument("--wandb-project", default="mint")
+    args = parser.parse_args(argv)
+
+    task = task_name(args.overrides)
+    if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
+        raise SystemExit("--seeds and --methods must not repeat a value")
+    name = args.name or f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = (args.out or ROOT / "outputs" / "comparisons" / name).resolve()
+    runs_dir = out_dir / "runs"
+    if runs_dir.exists():
+        raise SystemExit(f"{runs_dir} exists: pick another --out or --name (results are never mixed)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unimodal_name, unimodal = (None, None)
+    if not args.no_unimodal_teacher:
+        if task not in UNIMODAL_TEACHER:
+            raise SystemExit(f"no unimodal teacher known for task={task}: pass --no-unimodal-teacher")
+        unimodal_name, unimodal = UNIMODAL_TEACHER[task]
+
+    started = time.time()
+    commands = sweep_commands(
+        overrides=args.overrides,
+        seeds=args.seeds,
+        methods=args.methods,
+        name=name,
+        runs_dir=runs_dir,
+        unimodal=unimodal,
+        wandb_mode=args.wandb,
+    )
+    run_commands(commands, args.wandb)
+    runs = collect(runs_dir, unimodal_name)
+    order = args.methods + [MULTIMODAL_TEACHER] + ([unimodal_name] if unimodal_name else [])
+    shown_command = "python experiments/compare.py " + shlex.join(
+        [*args.overrides, "--seeds", *map(str, args.seeds), "--methods", *args.methods]
+    )
+    summary = write_report(out_dir, task, runs, order, shown_command)
+    (out_dir / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "task": task,
+                "seeds": args.seeds,
+                "methods": args.methods,
+                "overrides": args.overrides,
+                "commands": commands,
+                "wall_s": round(time.time() - started, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    log_wandb(out_dir, name, task, summary, runs, args.wandb, args.wandb_project)
+    print((out_dir / "comparison.md").read_text())
+    print(f"written to {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

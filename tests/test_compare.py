@@ -1,0 +1,183 @@
+"""experiments/compare.py: the sweep's command lines, and the report built from real run outputs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from mint.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_compare()
+SMOKE = ("task=rare_disease", "debug=smoke")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def make_sweep_like_outputs(make_cfg, runs_dir: Path, methods: list[str], seeds: list[int]) -> None:
+    """Real runs, laid out as compare.py's two sweeps lay them out (with Hydra's saved config)."""
+
+    def one(folder: Path, *overrides: str) -> None:
+        cfg = make_cfg(*overrides, output_dir=folder)
+        run(cfg)
+        (folder / ".hydra").mkdir()
+        OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")  # what Hydra writes for each job
+
+    for seed in seeds:
+        for method in methods:
+            one(runs_dir / "methods" / f"{method}_seed{seed}", *SMOKE, f"optim={method}", f"seed={seed}")
+        one(
+            runs_dir / "unimodal_teacher" / f"seed{seed}",
+            *SMOKE,
+            "stage=teacher",
+            f"seed={seed}",
+            "teacher.model.modalities=[text]",
+        )
+
+
+def check_report(out_dir: Path, runs_dir: Path, methods: list[str], seeds: list[int]) -> None:
+    """The CSV/MD/PNG exist, hold one row per method and teacher, and their numbers are the runs' means."""
+    unimodal = "teacher (note only)"
+    rows = {row["method"]: row for row in read_csv(out_dir / "comparison.csv")}
+    assert list(rows) == [*methods, compare.MULTIMODAL_TEACHER, unimodal]
+    assert all(int(row["n_seeds"]) == len(seeds) for row in rows.values())
+    assert (out_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def results(folder: Path) -> dict:
+        return json.loads((folder / "results.json").read_text())
+
+    for method in methods:
+        per_seed = [results(runs_dir / "methods" / f"{method}_seed{s}") for s in seeds]
+        for metric in ("top1", "topk", "format_valid", "rank_top1", "rank_topk"):
+            values = np.array([r[f"test/{metric}"] for r in per_seed])
+            assert float(rows[method][f"{metric}_mean"]) == pytest.approx(values.mean(), abs=1e-6)
+            assert float(rows[method][f"{metric}_std"]) == pytest.approx(values.std(ddof=1), abs=1e-6)
+            assert float(rows[method][f"{metric}_min"]) == pytest.approx(values.min(), abs=1e-6)
+            assert float(rows[method][f"{metric}_max"]) == pytest.approx(values.max(), abs=1e-6)
+            lows = [r[f"test/{metric}_ci_low"] for r in per_seed]
+            assert float(rows[method][f"{metric}_ci_low"]) == pytest.approx(np.mean(lows), abs=1e-6)
+    for name, folders in (
+        (compare.MULTIMODAL_TEACHER, [runs_dir / "methods" / f"{methods[0]}_seed{s}" for s in seeds]),
+        (unimodal, [runs_dir / "unimodal_teacher" / f"seed{s}" for s in seeds]),
+    ):
+        top1 = [results(f)["teacher/test/top1"] for f in folders]
+        assert float(rows[name]["top1_mean"]) == pytest.approx(np.mean(top1), abs=1e-6)
+        assert rows[name]["format_valid_mean"] == ""  # a teacher gives no generated answers
+
+    per_run = read_csv(out_dir / "comparison_runs.csv")
+    assert len(per_run) == (len(methods) + 2) * len(seeds)
+    table = (out_dir / "comparison.md").read_text()
+    for name in rows:
+        assert f"| {name} | {seeds[0]} |" in table  # one per-seed line per method and seed
+    teacher_seed = results(runs_dir / "methods" / f"{methods[0]}_seed{seeds[0]}")
+    assert (
+        f"{teacher_seed['teacher/test/top1']:.3f} [{teacher_seed['teacher/test/top1_ci_low']:.3f}," in table
+    )
+
+
+def test_the_report_is_made_of_the_runs_results_and_is_deterministic(make_cfg, tmp_path):
+    methods, seeds = ["none", "rag"], [1, 2]
+    runs_dir = tmp_path / "sweep" / "runs"
+    make_sweep_like_outputs(make_cfg, runs_dir, methods, seeds)
+
+    runs = compare.collect(runs_dir, "teacher (note only)")
+    order = [*methods, compare.MULTIMODAL_TEACHER, "teacher (note only)"]
+    compare.write_report(tmp_path / "sweep", "rare_disease", runs, order, "python experiments/compare.py ...")
+    check_report(tmp_path / "sweep", runs_dir, methods, seeds)
+
+    again = tmp_path / "again"
+    again.mkdir()
+    compare.write_report(
+        again,
+        "rare_disease",
+        compare.collect(runs_dir, "teacher (note only)"),
+        order,
+        "python experiments/compare.py ...",
+    )
+    for name in ("comparison.md", "comparison.csv", "comparison_runs.csv"):
+        assert (again / name).read_text() == (tmp_path / "sweep" / name).read_text()
+
+
+def test_an_unfinished_run_is_named_not_skipped(tmp_path):
+    (tmp_path / "methods" / "orpo_seed1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="orpo_seed1/results.json is missing"):
+        compare.collect(tmp_path, None)
+    (tmp_path / "methods" / "orpo_seed1").rmdir()
+    with pytest.raises(FileNotFoundError, match="no runs under"):
+        compare.collect(tmp_path, None)
+
+
+def test_the_sweep_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal_teacher(tmp_path):
+    main, teacher = compare.sweep_commands(
+        overrides=["task=rare_disease", "trainer.max_steps=50"],
+        seeds=[1, 2, 3],
+        methods=list(compare.METHODS),
+        name="cmp",
+        runs_dir=tmp_path,
+        unimodal=["teacher.model.modalities=[text]"],
+        wandb_mode="offline",
+    )
+    assert main[1:4] == ["-m", "mint.run", "--multirun"]
+    assert {"seed=1,2,3", "optim=none,sft,rag,dpo,orpo", "trainer.max_steps=50"} <= set(main)
+    assert {"logger=wandb", "logger.wandb.group=cmp", "hydra.sweep.subdir=${optim.name}_seed${seed}"} <= set(
+        main
+    )
+    assert f"hydra.sweep.dir={tmp_path / 'methods'}" in main
+    assert {"stage=teacher", "seed=1,2,3", "teacher.model.modalities=[text]"} <= set(teacher)
+    assert not any(a.startswith("optim=") for a in teacher)
+
+    # Another logger chosen, or W&B off: no W&B keys that would not exist in that config.
+    (quiet,) = compare.sweep_commands(
+        overrides=["task=tissue", "logger=csv"],
+        seeds=[1],
+        methods=["none"],
+        name="cmp",
+        runs_dir=tmp_path,
+        unimodal=None,
+        wandb_mode="offline",
+    )
+    assert not any(a.startswith("logger.wandb") or a == "logger=wandb" for a in quiet)
+    with pytest.raises(SystemExit, match="task="):
+        compare.task_name(["debug=smoke"])
+
+
+@pytest.mark.slow
+def test_the_comparison_command_end_to_end_on_the_smoke_config(tmp_path):
+    """The real command: two `mint.run --multirun` subprocesses, then the report (about 2 minutes here)."""
+    methods, seeds = ["none", "rag"], [1, 2]
+    out = compare.main(
+        [
+            *SMOKE,
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "--seeds",
+            *map(str, seeds),
+            "--methods",
+            *methods,
+            "--out",
+            str(tmp_path / "cmp"),
+            "--wandb",
+            "disabled",
+        ]
+    )
+    check_report(out, out / "runs", methods, seeds)
+    assert json.loads((out / "sweep.json").read_text())["seeds"] == seeds
