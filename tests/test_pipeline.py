@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import datasets
 import pytest
+from PIL import Image
 
 import mint.pipeline
 from mint.data.tissue import TISSUES
@@ -60,6 +62,8 @@ def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teache
     assert len(predictions) == 8
     assert {"id", "answer", "parsed", "truth", "format_valid", "top1", "topk", "car"} <= predictions[0].keys()
     assert json.loads((run_dir / "teacher" / "metrics.json").read_text())["teacher/folds"] == 2
+    with Image.open(run_dir / "plots" / "hits_at_k.png") as plot:  # student vs teacher, a real PNG
+        assert plot.size[0] > 200 and plot.size[1] > 200
 
 
 def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_cfg, shared_cache, tmp_path):
@@ -73,7 +77,7 @@ def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_c
         "POTENTIAL_DISEASES:"
     )
     assert row["chosen"][0]["content"].count("\n") == 10  # header + 10 names
-    assert row["label"] not in row["rejected"][0]["content"]  # the truth is never a negative
+    assert row["truth"] not in row["rejected"][0]["content"]  # the truth is never a negative
     assert "- pairs:" in (entries[0] / "README.md").read_text()
     assert not (tmp_path / "prefs" / "student").exists()  # stage=prefs stops before the student
 
@@ -85,9 +89,7 @@ def test_teacher_and_prefs_stages_need_a_pipeline_task(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
 def test_tissue_pipeline_trains_a_vision_student_on_image_only_prompts(make_cfg, tmp_path, method):
-    results = run(
-        make_cfg("experiment=tissue", f"optim={method}", "debug=smoke", output_dir=tmp_path / method)
-    )
+    results = run(make_cfg("task=tissue", f"optim={method}", "debug=smoke", output_dir=tmp_path / method))
     assert results["train/steps"] == 12
     assert {
         "teacher/test/top1",
@@ -99,10 +101,16 @@ def test_tissue_pipeline_trains_a_vision_student_on_image_only_prompts(make_cfg,
     assert (tmp_path / method / "student" / "adapter" / "adapter_model.safetensors").exists()
     prediction = json.loads((tmp_path / method / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert prediction["truth"] in TISSUES
+    # the logger (CSV under debug=smoke; W&B by default) holds the evaluation, not only training
+    with open(tmp_path / method / "csv" / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("test/top1")]
+    assert float(logged[-1]["test/top1"]) == pytest.approx(results["test/top1"])
+    if method == "dpo":  # the SFT start logged into its own folder, not over the DPO logs
+        assert (tmp_path / method / "sft_start" / "csv" / "metrics.csv").exists()
 
 
 def test_tissue_prompts_carry_the_image_not_the_description(make_cfg, shared_cache, tmp_path):
-    run(make_cfg("experiment=tissue", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
+    run(make_cfg("task=tissue", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
     entry = next(
         e
         for e in (shared_cache / "prefs").iterdir()
@@ -119,4 +127,40 @@ def test_tissue_prompts_carry_the_image_not_the_description(make_cfg, shared_cac
 
 def test_a_text_student_on_the_image_task_is_a_clear_error(make_cfg, tmp_path):
     with pytest.raises(ValueError, match="student=tiny_llama is a text model"):
-        run(make_cfg("experiment=tissue", "student=tiny_llama", "debug=smoke"))
+        run(make_cfg("task=tissue", "student=tiny_llama", "debug=smoke"))
+
+
+def test_on_val_adds_validation_answer_metrics_and_leaves_the_test_metrics_alone(make_cfg, tmp_path):
+    plain = run(make_cfg("task=rare_disease", "optim=none", "debug=smoke", output_dir=tmp_path / "plain"))
+    with_val = run(
+        make_cfg(
+            "task=rare_disease",
+            "optim=none",
+            "debug=smoke",
+            "task.eval.on_val=true",
+            output_dir=tmp_path / "val",
+        )
+    )
+    val_keys = {"val/format_valid", "val/top1", "val/topk"}
+    assert val_keys <= with_val.keys() and not val_keys & plain.keys()
+    assert 0.0 <= with_val["val/top1"] <= with_val["val/topk"] <= 1.0
+    assert {k: v for k, v in with_val.items() if k.startswith("test/")} == {
+        k: v for k, v in plain.items() if k.startswith("test/")
+    }
+
+    def ids(name: str) -> list[str]:
+        lines = (tmp_path / "val" / "eval" / name).read_text().splitlines()
+        return [json.loads(line)["id"] for line in lines]
+
+    val_ids, test_ids = ids("predictions_val.jsonl"), ids("predictions.jsonl")
+    assert len(val_ids) == len(test_ids) == 8 and not set(val_ids) & set(test_ids)
+    assert not (tmp_path / "plain" / "eval" / "predictions_val.jsonl").exists()
+
+
+def test_hits_at_k_counts_the_truth_within_the_first_k_names():
+    from mint.plots import hits_at_k
+
+    ranked = [["A", "B", "C"], ["B", "A"], [], ["C", "C", "A"]]
+    assert hits_at_k(ranked, ["A", "A", "A", "A"], n=3) == [0.25, 0.5, 0.75]
+    with pytest.raises(ValueError, match="3 truths"):
+        hits_at_k(ranked, ["A", "B", "C"], n=3)

@@ -396,7 +396,7 @@ def test_example_prefs_are_deterministic(tmp_path):
 def test_example_prefs_are_valid_and_learnable(tmp_path):
     rows = make_example_prefs(80, seed=5)
     assert read_preference_rows(write_jsonl(rows, tmp_path / "ex.jsonl")) == rows
-    assert len({row["id"] for row in rows}) == 80 and len({row["label"] for row in rows}) == len(CONDITIONS)
+    assert len({row["id"] for row in rows}) == 80 and len({row["truth"] for row in rows}) == len(CONDITIONS)
     for row in rows:
         question = row["prompt"][-1]["content"]
         assert len(" ".join(m["content"] for m in row["prompt"]).split()) < 80
@@ -405,5 +405,5 @@ def test_example_prefs_are_valid_and_learnable(tmp_path):
         best = max(overlap, key=overlap.get)
         assert overlap[best] == 3 and sorted(overlap.values())[-2] <= 1
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert chosen.splitlines()[:2] == ["MOST_LIKELY:", f"1. '{best}'"] and row["label"] == best
+        assert chosen.splitlines()[:2] == ["MOST_LIKELY:", f"1. '{best}'"] and row["truth"] == best
         assert len(chosen.splitlines()) == len(rejected.splitlines()) == 4 and f"'{best}'" not in rejected

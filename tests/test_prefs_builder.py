@@ -50,11 +50,11 @@ def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):
     )
     assert rows[0]["rejected"][0]["content"] == "POTENTIAL_DISEASES:\n1. 'Syndrome H'\n2. 'Syndrome G'"
     assert rows[2]["prompt"][1]["content"] == "Note: note 2\nList 3 diseases."
-    assert [r["label"] for r in rows] == ["Syndrome A", "Syndrome B", "Syndrome C", "Syndrome D"]
+    assert [r["truth"] for r in rows] == ["Syndrome A", "Syndrome B", "Syndrome C", "Syndrome D"]
 
     save_preference_dataset(rows, tmp_path, config={"k": 3, "q": 2})
     loaded = datasets.load_from_disk(str(tmp_path / "dataset"))
-    assert loaded.column_names[:5] == ["id", "label", "prompt", "chosen", "rejected"]
+    assert loaded.column_names[:5] == ["id", "truth", "prompt", "chosen", "rejected"]
     assert loaded[0]["prompt"][0] == {"role": "system", "content": "You are a genetic counselor."}
     assert read_preference_rows(tmp_path / "prefs.jsonl")[1]["chosen"] == rows[1]["chosen"]
     card = (tmp_path / "README.md").read_text()

@@ -75,7 +75,9 @@ def test_alignment_learns_the_toy_preferences(make_cfg, tmp_path, prefs_path, me
     """On a learnable set the loss falls and the chosen answer becomes the more likely one."""
     common = ["task=custom", f"task.prefs_path={prefs_path}", "logger=csv", "trainer.log_every_n_steps=1"]
     before = run(make_cfg(*common, "optim=none", output_dir=tmp_path / "base"))
-    cfg = make_cfg(*common, f"optim={method}", "trainer.max_steps=150", output_dir=tmp_path / method)
+    # pure DPO from the base here (init_from_sft: see test_dpo_starts_from_the_sft_adapter)
+    extra = ["optim.init_from_sft=false"] if method == "dpo" else []
+    cfg = make_cfg(*common, f"optim={method}", "trainer.max_steps=150", *extra, output_dir=tmp_path / method)
     after = run(cfg)
 
     losses = _train_losses(Path(cfg.paths.output_dir))
@@ -147,8 +149,9 @@ def test_missing_dataset_is_a_clear_error_and_writes_nothing(make_cfg, tmp_path)
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
 
 
-def test_cli_entry_point_runs_the_default_job(tmp_path):
-    """`python -m mint.run` as a user types it (the example set, Hydra's run dir, results printed)."""
+def test_cli_entry_point_runs_the_default_job(tmp_path, shared_cache):
+    """`python -m mint.run` as a user types it: the main job (task=tissue, ORPO) at smoke size, in
+    Hydra's run dir, every stage, the headline metrics printed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [
@@ -158,6 +161,7 @@ def test_cli_entry_point_runs_the_default_job(tmp_path):
             "debug=smoke",
             f"hydra.run.dir={tmp_path}/run",
             f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={shared_cache}",  # the tissue pipeline test's teacher, when it ran first
         ],
         cwd=ROOT,
         env=env,
@@ -168,8 +172,11 @@ def test_cli_entry_point_runs_the_default_job(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train/steps"] == 12
+    assert {"teacher/test/top1", "test/top1", "test/format_valid"} <= results.keys()
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
-    assert "results in" in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "eval" / "predictions.jsonl").exists()
+    printed = proc.stderr + proc.stdout
+    assert "results in" in printed and "test/top1" in printed
 
 
 def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(make_cfg, tmp_path, prefs_path):
@@ -264,3 +271,34 @@ def test_dpo_reference_logps_are_computed_once_and_reused(make_cfg, tmp_path, pr
     assert n_first in (0, 2)  # train + val, unless an earlier test cached them
     assert len(calls) == n_first  # the second run (another beta) reused the cached reference
     assert first["train/steps"] == second["train/steps"] == 3
+
+
+def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeypatch):
+    """optim=dpo first trains SFT on the same pairs (once, cached) and starts from that adapter."""
+    from safetensors.torch import load_file
+
+    import mint.run
+
+    starts = []
+    real = mint.run.sft_start_adapter
+    monkeypatch.setattr(mint.run, "sft_start_adapter", lambda *a: starts.append(real(*a)) or starts[-1])
+    trained = []
+    real_stage = mint.run.student_stage
+    monkeypatch.setattr(
+        mint.run, "student_stage", lambda c, *a, **k: trained.append(c.optim.loss) or real_stage(c, *a, **k)
+    )
+    common = ("task=custom", f"task.prefs_path={prefs_path}", "debug=smoke", "task.max_samples=40")
+    sft = run(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"))
+    dpo = run(make_cfg(*common, "optim=dpo", output_dir=tmp_path / "dpo"))
+    again = run(make_cfg(*common, "optim=dpo", "optim.beta=0.5", output_dir=tmp_path / "dpo_beta"))
+
+    assert trained == ["sft", "sft", "dpo", "dpo"]  # the second DPO run reused the SFT start
+    assert dpo["sft_start/adapter"] == again["sft_start/adapter"] == starts[0]
+    weights = "adapter_model.safetensors"
+    start = load_file(Path(starts[0]) / weights)
+    standalone = load_file(tmp_path / "sft" / "student" / "adapter" / weights)
+    assert start.keys() == standalone.keys()
+    assert all(torch.equal(start[k], standalone[k]) for k in start)  # the SFT start is the SFT method
+    after_dpo = load_file(tmp_path / "dpo" / "student" / "adapter" / weights)
+    assert any(not torch.equal(start[k], after_dpo[k]) for k in start)  # DPO trained on from it
+    assert sft["train/steps"] == dpo["train/steps"] == 12

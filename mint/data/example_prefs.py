@@ -71,7 +71,7 @@ def make_example_prefs(n: int = 400, seed: int = 0) -> list[dict]:
         rows.append(
             {
                 "id": f"ex-{i:04d}",
-                "label": name,
+                "truth": name,
                 "prompt": [
                     {"role": "system", "content": SYSTEM},
                     {"role": "user", "content": f"A patient presents with {described}. {QUESTION}"},

@@ -88,7 +88,8 @@ def build_preference_rows(
         )
         row: dict[str, Any] = {
             "id": sample.id,
-            "label": task.labels[sample.label],
+            # "truth", not "label": TRL reads a `label` column as the unpaired-preference flag
+            "truth": task.labels[sample.label],
             "prompt": prompt.messages(sample, with_image=student_sees_image),
             "chosen": [{"role": "assistant", "content": answer.render([task.labels[i] for i in chosen])}],
             "rejected": [
@@ -103,8 +104,8 @@ def build_preference_rows(
 
 def dataset_card(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
     """A README for the saved dataset: counts, label distribution, one example, the config."""
-    counts = Counter(row["label"] for row in rows)
-    truth_in_chosen = sum(row["label"] in row["chosen"][0]["content"] for row in rows) / max(len(rows), 1)
+    counts = Counter(row["truth"] for row in rows)
+    truth_in_chosen = sum(row["truth"] in row["chosen"][0]["content"] for row in rows) / max(len(rows), 1)
     example = {k: v for k, v in rows[0].items() if k != "images"} if rows else {}
     lines = [
         "# MINT preference dataset",
