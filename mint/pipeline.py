@@ -26,11 +26,12 @@ from mint.config import Loss
 from mint.data.task_data import TaskData
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import DecodingSettings, generate_answers
-from mint.eval.ranking import score_candidates
+from mint.eval.ranking import score_candidates, score_candidates_with_image
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
 from mint.rag import KnowledgeBase, RagSettings, augment_prompts, knowledge_base
 from mint.report import write_atomic
+from mint.student.vision import encode_vision_pair
 from mint.teacher.metrics import bootstrap_ci, topk_hits
 from mint.teacher.stage import TeacherResult, run_teacher_stage
 
@@ -231,8 +232,7 @@ def evaluate_split(
     )
     metrics |= answer_scores
     # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
-    # The shared-prompt KV cache of closed-set ranking is text-only for now.
-    if split == "test" and not sees_image:
+    if split == "test":
         metrics |= closed_set_metrics(
             model,
             tokenizer,
@@ -242,6 +242,8 @@ def evaluate_split(
             fmt,
             n_boot=settings.n_boot,
             seed=cfg.seed,
+            images=images,
+            max_length=cfg.task.max_length,
         )
     lines = []
     for i, (sample, record) in enumerate(zip(samples, records, strict=True)):
@@ -262,25 +264,39 @@ def closed_set_metrics(
     n_boot: int,
     seed: int,
     prefix: str = "test",
+    images: list[np.ndarray] | None = None,
+    max_length: int = 1024,
 ) -> dict[str, float]:
     """`<prefix>/rank_top1`, `<prefix>/rank_topk`: every label ranked by the student's likelihood, no parsing.
 
     Each candidate is the answer naming that label first (header + "1. 'Label'"); its summed
     log-prob is the probability of opening the list with it. The closing quote ends the name,
     so a name that is the prefix of another ("X syndrome" / "X syndrome, X-linked") is not
-    favoured. The prompt's KV cache is shared by all candidates (mint/eval/ranking.py).
+    favoured. Text prompts share their KV cache across candidates (mint/eval/ranking.py); with
+    `images` (a vision student: `tokenizer` is its processor) each image is encoded once and
+    the candidates run as full sequences.
     """
     was_training = model.training
     model.eval()
+    text_tokenizer = tokenizer.tokenizer if images is not None else tokenizer
     candidates = [
-        tokenizer(f"{fmt.header}\n1. {fmt.quote}{label}{fmt.quote}", add_special_tokens=False)["input_ids"]
+        text_tokenizer(f"{fmt.header}\n1. {fmt.quote}{label}{fmt.quote}", add_special_tokens=False)[
+            "input_ids"
+        ]
         for label in labels
     ]
     rows = []
-    for prompt in tqdm(prompts, desc="ranking labels", unit="sample"):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(score_candidates(model, tokenizer, prompt_ids, candidates).summed.float().cpu().numpy())
+    for i, prompt in enumerate(tqdm(prompts, desc="ranking labels", unit="sample")):
+        if images is not None:
+            # the pair's answers are placeholders: only its prompt ids and image tensors are used
+            pair = encode_vision_pair(tokenizer, images[i], prompt, "-", "-", max_length)
+            pad = text_tokenizer.pad_token_id
+            scores = score_candidates_with_image(model, pair, candidates, pad_token_id=pad)
+        else:
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            scores = score_candidates(model, tokenizer, prompt_ids, candidates)
+        rows.append(scores.summed.float().cpu().numpy())
     model.train(was_training)
     scores, targets = np.stack(rows), np.array(truths)
     metrics: dict[str, float] = {}

@@ -367,6 +367,10 @@ def student_stage(
     """
     started = time.time()
     stage_dir.mkdir(parents=True, exist_ok=True)
+    # Seeded here, not only at the start of the run: what ran before (the teacher, a W&B logger's
+    # start-up) may have drawn from the global generators, and the student's LoRA init and
+    # training must not depend on that (same seed, same numbers, whichever logger is on).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
 
     vision = cfg.student.modality == "vision"

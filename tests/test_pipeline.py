@@ -68,9 +68,11 @@ def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teache
 
 def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_cfg, shared_cache, tmp_path):
     run(make_cfg("task=rare_disease", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
-    entries = list((shared_cache / "prefs").iterdir())
-    assert entries, "the prefs stage wrote no cache entry"
-    table = datasets.load_from_disk(str(entries[0] / "dataset"))
+    entries = [
+        e for e in (shared_cache / "prefs").glob("*/prefs.jsonl") if "POTENTIAL_DISEASES" in e.read_text()
+    ]
+    assert entries, "the prefs stage wrote no rare-disease cache entry"
+    table = datasets.load_from_disk(str(entries[0].parent / "dataset"))
     row = table[0]
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
     assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"].startswith(
@@ -78,7 +80,7 @@ def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_c
     )
     assert row["chosen"][0]["content"].count("\n") == 10  # header + 10 names
     assert row["truth"] not in row["rejected"][0]["content"]  # the truth is never a negative
-    assert "- pairs:" in (entries[0] / "README.md").read_text()
+    assert "- pairs:" in (entries[0].parent / "README.md").read_text()
     assert not (tmp_path / "prefs" / "student").exists()  # stage=prefs stops before the student
 
 
@@ -96,8 +98,11 @@ def test_tissue_pipeline_trains_a_vision_student_on_image_only_prompts(make_cfg,
         "teacher/test/topk",
         "test/format_valid",
         "test/topk",
+        "test/rank_top1",
+        "test/rank_topk",
         "val/loss",
     } <= results.keys()
+    assert 0.0 <= results["test/rank_top1"] <= results["test/rank_topk"] <= 1.0
     assert (tmp_path / method / "student" / "adapter" / "adapter_model.safetensors").exists()
     prediction = json.loads((tmp_path / method / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert prediction["truth"] in TISSUES

@@ -22,7 +22,8 @@ def test_trl_orpo_trains_on_the_pipeline_preference_dataset_unchanged(make_cfg, 
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     run(make_cfg("task=rare_disease", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
-    [folder] = [p.parent for p in (Path(shared_cache) / "prefs").glob("*/dataset")][-1:]
+    entries = Path(shared_cache, "prefs").glob("*/prefs.jsonl")
+    folder = next(e.parent for e in entries if "POTENTIAL_DISEASES" in e.read_text())
     dataset = datasets.load_from_disk(str(folder / "dataset"))
     assert {"prompt", "chosen", "rejected"} <= set(dataset.column_names)
     assert dataset[0]["chosen"][0]["role"] == "assistant"  # conversational: message lists

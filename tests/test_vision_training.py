@@ -163,3 +163,29 @@ def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, 
         from mint.optim.packing import PackedPreferenceCollator
 
         attach_reference_logps(model, _pairs(processor), PackedPreferenceCollator(0), batch_size=2)
+
+
+def test_closed_set_scores_with_an_image_equal_the_training_forward(tiny: Path, tmp_path: Path) -> None:
+    """Ranking candidates for an image scores each one as the training forward scores an answer."""
+    import dataclasses
+
+    from mint.eval.ranking import score_candidates_with_image
+
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=LORA)
+    model.eval()
+    pad = processor.tokenizer.pad_token_id
+    pair = encode_vision_pair(processor, _image("Red", 0), PROMPT, "-", "-", max_length=64)
+    candidates = [
+        processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Red.", "Blue.", "A")
+    ]
+    scores = score_candidates_with_image(model, pair, candidates, pad_token_id=pad, batch_size=2)
+    for i, ids in enumerate(candidates):
+        one = dataclasses.replace(pair, chosen_ids=ids, rejected_ids=ids)
+        batch = VisionPreferenceCollator(pad)([one])
+        with torch.no_grad():
+            expected = answer_logps(sides_logits(model, batch, sides=("chosen",)), batch["chosen_labels"])[0]
+        assert scores.summed[i].item() == pytest.approx(expected.item(), abs=1e-4)
+    other = encode_vision_pair(processor, _image("Blue", 1), PROMPT, "-", "-", max_length=64)
+    assert not torch.allclose(
+        scores.summed, score_candidates_with_image(model, other, candidates, pad_token_id=pad).summed
+    )  # the image is part of what is scored

@@ -9,12 +9,14 @@ the candidates' keys onto them, which leaves the prompt's tensors untouched for 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from mint.student.vision import VisionPair, image_inputs, image_states
 
 
 class CandidateScores(NamedTuple):
@@ -83,6 +85,36 @@ def score_candidates(
     return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
 
 
+def _full_sequence_scores(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    prompt_ids: Sequence[int],
+    candidate_ids_list: Sequence[Sequence[int]],
+    pad_token_id: int,
+    device: torch.device,
+    batch_size: int,
+) -> CandidateScores:
+    """Scores from full sequences [prompt, candidate]; `forward(ids, attention_mask)` -> logits."""
+    if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
+        raise ValueError("scoring needs at least one candidate and no empty candidate")
+    prompt = list(prompt_ids)
+    summed, counts = [], []
+    for start in range(0, len(candidate_ids_list), batch_size):
+        chunk = candidate_ids_list[start : start + batch_size]
+        ids, real = _pad_right([prompt + list(c) for c in chunk], pad_token_id)
+        ids, real = ids.to(device), real.to(device)
+        logits = forward(ids, real.long())
+        # Only answer tokens are scored; a prompt or padding id may lack an output logit (a vision
+        # student's <|image|> and pad tokens), so those targets are clamped before the gather.
+        targets = ids.clamp(max=logits.shape[-1] - 1)[:, 1:, None]
+        token_logps = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets).squeeze(-1)
+        is_answer = real[:, 1:].clone()
+        is_answer[:, : len(prompt) - 1] = False  # targets before the first answer token are the prompt's
+        summed.append(torch.where(is_answer, token_logps, 0.0).sum(-1))
+        counts.append(is_answer.sum(-1))
+    total, count = torch.cat(summed), torch.cat(counts)
+    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
+
+
 @torch.inference_mode()
 def score_candidates_full(
     model: torch.nn.Module,
@@ -93,18 +125,47 @@ def score_candidates_full(
     batch_size: int = 32,
 ) -> CandidateScores:
     """The same scores from C full sequences [prompt, candidate]: the reference (and the baseline)."""
+
+    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
     device = next(model.parameters()).device
-    prompt = list(prompt_ids)
-    summed, counts = [], []
-    for start in range(0, len(candidate_ids_list), batch_size):
-        chunk = candidate_ids_list[start : start + batch_size]
-        ids, real = _pad_right([prompt + list(c) for c in chunk], _pad_id(tokenizer))
-        ids, real = ids.to(device), real.to(device)
-        logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
-        token_logps = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        is_answer = real[:, 1:].clone()
-        is_answer[:, : len(prompt) - 1] = False  # targets before the first answer token are the prompt's
-        summed.append(torch.where(is_answer, token_logps, 0.0).sum(-1))
-        counts.append(is_answer.sum(-1))
-    total, count = torch.cat(summed), torch.cat(counts)
-    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
+    return _full_sequence_scores(
+        forward, prompt_ids, candidate_ids_list, _pad_id(tokenizer), device, batch_size
+    )
+
+
+@torch.inference_mode()
+def score_candidates_with_image(
+    model: torch.nn.Module,
+    pair: VisionPair,
+    candidate_ids_list: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> CandidateScores:
+    """The scores for a vision student: `pair` carries the prompt (with its <|image|> token) and the
+    image; its answers are ignored. Full sequences, since the text KV cache above does not carry
+    cross-attention inputs; the image goes through the vision tower once for all candidates."""
+    device = next(model.parameters()).device
+    states = image_states(
+        model,
+        pair.pixel_values[None].to(device),
+        pair.aspect_ratio_ids[None].to(device),
+        pair.aspect_ratio_mask[None].to(device),
+    )
+
+    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = ids.shape[0]
+        cross_mask = image_inputs([pair] * rows, ids.shape[1])["cross_attention_mask"].to(device)
+        return model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            cross_attention_states=states.repeat(rows, 1, 1),
+            cross_attention_mask=cross_mask,
+            use_cache=False,
+        ).logits
+
+    return _full_sequence_scores(
+        forward, pair.prompt_ids, candidate_ids_list, pad_token_id, device, batch_size
+    )
