@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,6 @@ def evaluate_split(
             n_boot=settings.n_boot,
             seed=cfg.seed,
             images=images,
-            max_length=cfg.task.max_length,
         )
     lines = []
     for i, (sample, record) in enumerate(zip(samples, records, strict=True)):
@@ -265,7 +265,6 @@ def closed_set_metrics(
     seed: int,
     prefix: str = "test",
     images: list[np.ndarray] | None = None,
-    max_length: int = 1024,
 ) -> dict[str, float]:
     """`<prefix>/rank_top1`, `<prefix>/rank_topk`: every label ranked by the student's likelihood, no parsing.
 
@@ -288,8 +287,9 @@ def closed_set_metrics(
     rows = []
     for i, prompt in enumerate(tqdm(prompts, desc="ranking labels", unit="sample")):
         if images is not None:
-            # the pair's answers are placeholders: only its prompt ids and image tensors are used
-            pair = encode_vision_pair(tokenizer, images[i], prompt, "-", "-", max_length)
+            # The pair's answers are placeholders: only its prompt ids and image tensors are used.
+            # No length cap: training's max_length is not a limit for scoring (a RAG prompt is longer).
+            pair = encode_vision_pair(tokenizer, images[i], prompt, "-", "-", max_length=sys.maxsize)
             pad = text_tokenizer.pad_token_id
             scores = score_candidates_with_image(model, pair, candidates, pad_token_id=pad)
         else:

@@ -206,9 +206,10 @@ def test_rag_on_a_task_without_training_data_is_a_clear_error(make_cfg):
         run(make_cfg("task=example", "optim=rag", "debug=smoke"))
 
 
-@pytest.mark.slow
 def test_rag_run_on_tissue_augments_the_vision_prompts(make_cfg, tmp_path):
     results = run(make_cfg("task=tissue", "optim=rag", "debug=smoke"))
-    assert {"test/format_valid", "test/top1", "test/topk", "rag/kb_passages"} <= results.keys()
+    # rank_*: the augmented prompt is longer than training's max_length, and scoring still runs
+    keys = {"test/format_valid", "test/top1", "test/topk", "test/rank_top1", "rag/kb_passages"}
+    assert keys <= results.keys()
     first = json.loads((tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert "retrieved" in first
