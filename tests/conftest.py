@@ -47,3 +47,23 @@ def make_cfg(tmp_path: Path, shared_cache: Path) -> Callable[..., DictConfig]:
         return cfg
 
     return _make
+
+
+def random_llama(vocab_size: int, max_positions: int, *, attn: str = "sdpa", seed: int = 0):
+    """A seeded random 2-layer Llama (hidden 32) in eval mode, pad id 0: for forward-equality tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(config).float().eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mint.data import PreferenceCollator, TokenizedPair
 from mint.optim.module import PreferenceModule, answer_logps, nll_from, sft_labels
@@ -23,24 +23,13 @@ from mint.optim.packing import (
     padding_waste,
 )
 from mint.optim.reference import attach_reference_logps
+from tests.conftest import random_llama
 
 VOCAB, PAD = 97, 0
 
 
 def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).float().eval()
+    return random_llama(VOCAB, 128, attn=attn, seed=seed)
 
 
 def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:

@@ -8,27 +8,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mint.eval.ranking import score_candidates, score_candidates_full
+from tests.conftest import random_llama
 
 VOCAB = 101
 TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=1)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).float().eval()
+    return random_llama(VOCAB, 256, seed=seed)
 
 
 def candidates(n: int, seed: int) -> list[list[int]]:
