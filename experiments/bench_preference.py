@@ -48,10 +48,10 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
-from mint.data import PreferenceCollator, TokenizedPair  # noqa: E402
 from mint.optim.module import PreferenceModule  # noqa: E402
-from mint.optim.packing import LengthGroupedSampler, PackedPreferenceCollator, packed_length, padding_waste  # noqa: E402
 from mint.optim.reference import attach_reference_logps  # noqa: E402
+from mint.pairs.packed import LengthGroupedSampler, PackedPreferenceCollator, packed_length, padding_waste  # noqa: E402
+from mint.pairs.text import PreferenceCollator, TokenizedPair  # noqa: E402
 
 VOCAB = 2048
 PAD, BOS, EOS = 0, 1, 2
@@ -169,7 +169,7 @@ class MintRunner:
             self.items = attach_reference_logps(self.model, pairs, collator, batch_size=settings.batch_size)
             self.reference_s = time.perf_counter() - started
         self.module = PreferenceModule(
-            self.model, loss=loss, beta=0.1, sft_on_prompt=loss == "orpo", rpo_alpha=None, packed=packed
+            self.model, method=loss, beta=0.1, sft_on_prompt=loss == "orpo", rpo_alpha=None, packed=packed
         )
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         lengths = [packed_length(p) if packed else work_tokens(p) for p in pairs]

@@ -108,7 +108,7 @@ def sweep_commands(
         *overrides,
         *wandb,
         f"hydra.sweep.dir={runs_dir / 'methods'}",
-        "hydra.sweep.subdir=${optim.name}_seed${seed}",
+        "hydra.sweep.subdir=${optim.method}_seed${seed}",
     ]
     commands = [main]
     if unimodal is not None:
@@ -164,7 +164,7 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
         results = json.loads(results_file.read_text())
         seed = int(config.seed)
         runs.append(
-            RunResult(str(config.optim.name), "student", seed, _values(results, "test/", METRICS), folder)
+            RunResult(str(config.optim.method), "student", seed, _values(results, "test/", METRICS), folder)
         )
         teacher = RunResult(
             MULTIMODAL_TEACHER, "reference", seed, _values(results, "teacher/test/", ("top1", "topk")), folder

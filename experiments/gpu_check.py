@@ -40,9 +40,9 @@ from peft import LoraConfig  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from mint.data import TokenizedPair  # noqa: E402
 from mint.optim.module import PreferenceModule  # noqa: E402
-from mint.optim.packing import PackedPreferenceCollator, packed_length  # noqa: E402
+from mint.pairs.packed import PackedPreferenceCollator, packed_length  # noqa: E402
+from mint.pairs.text import TokenizedPair  # noqa: E402
 from mint.student import load_student  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
@@ -203,7 +203,7 @@ def run_mode(
     )
     if quantization is None:  # a 4-bit model is already there: bitsandbytes loads it onto the current GPU
         model.to(device)
-    module = PreferenceModule(model, loss="orpo", beta=0.1, packed=True)
+    module = PreferenceModule(model, method="orpo", beta=0.1, packed=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5)
     collator = PackedPreferenceCollator(PAD)

@@ -1,7 +1,7 @@
 """Calibration of the simulated rare-disease task: how hard is it, for whom?
 
 Prints, on the test split:
-  (a) the knowledge-based HPO-overlap ranker (mint/baselines/hpo_overlap.py);
+  (a) the knowledge-based HPO-overlap ranker (experiments/hpo_overlap.py);
   (b) a text-only proxy teacher: logistic regression on frozen MiniLM note embeddings
       (what the teacher's text tower sees), trained on train, tuned on val;
   (c) the same on [MiniLM embedding, gestalt vector]: a proxy for the multimodal teacher;
@@ -24,8 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from hpo_overlap import evaluate_ranker  # noqa: E402
 
-from mint.baselines.hpo_overlap import evaluate_ranker  # noqa: E402
 from mint.data.rare_disease import simulate_rare_disease  # noqa: E402
 from mint.data.task_data import SPLITS, TaskData  # noqa: E402
 

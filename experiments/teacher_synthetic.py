@@ -1,7 +1,7 @@
 """Time and sanity-check the teacher stage on synthetic rare-disease-shaped data.
 
-A stand-in for the simulated HPO patients until that source lands: D diseases in
-look-alike triples that share most of their findings, ~50-word notes with 3-6
+Planted data, simpler than the simulated HPO patients (mint/data/rare_disease.py), so the
+teacher stage can be timed and checked in isolation: D diseases in look-alike triples that share most of their findings, ~50-word notes with 3-6
 findings each, and a 64-d "gestalt" vector = disease centroid + Gaussian noise.
 Text alone is ambiguous within a triple; the vector disambiguates.
 
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mint.data.task_data import Sample, TaskData, stratified_split  # noqa: E402
-from mint.teacher import fusion_teacher, run_teacher_stage  # noqa: E402
+from mint.teacher import fit_teacher, fusion_teacher  # noqa: E402
 
 ROOTS = "cranio facio cardio neuro oculo dento skeleto dermo renal hepato myo osteo".split()
 ENDINGS = "dysplasia hypoplasia malformation anomaly dystrophy synostosis asymmetry defect".split()
@@ -92,7 +92,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_teacher_stage(
+        result = fit_teacher(
             task,
             make_teacher=make,
             trainer_kwargs={"max_epochs": max_epochs, "accelerator": "cpu"},

@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mint.data.tissue import simulate_tissue  # noqa: E402
 from mint.teacher.clip import clip_teacher  # noqa: E402
-from mint.teacher.stage import run_teacher_stage  # noqa: E402
+from mint.teacher.crossfit import fit_teacher  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     # n_per_tissue, folds, max_epochs, patience
@@ -102,7 +102,7 @@ def main() -> None:
                 **losses,
             )
             with tempfile.TemporaryDirectory() as tmp:
-                result = run_teacher_stage(
+                result = fit_teacher(
                     task,
                     make_teacher=make,
                     trainer_kwargs={"max_epochs": max_epochs, "accelerator": "cpu"},

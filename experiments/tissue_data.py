@@ -19,17 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mint.data.nuclei import EOSIN, HAEMATOXYLIN
 from mint.data.task_data import Sample, TaskData
 from mint.data.tissue import simulate_tissue
+from mint.stains import optical_density, stain_concentrations
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
     """[N, F] statistics of uint8 [N, H, W, 3] patches: stain densities, their histograms, edges."""
-    od = -np.log(np.clip(images.astype(float), 1.0, 255.0) / 255.0)
-    # Least-squares unmixing into haematoxylin and eosin concentrations (colour deconvolution).
-    stains = np.stack([HAEMATOXYLIN, EOSIN], axis=1)  # [3, 2]
-    conc = od @ np.linalg.pinv(stains).T  # [N, H, W, 2]
+    od = optical_density(images)
+    conc = stain_concentrations(od)  # [N, H, W, 2]
     h, e = conc[..., 0].reshape(len(images), -1), conc[..., 1].reshape(len(images), -1)
     features = [od.mean(axis=(1, 2)), od.std(axis=(1, 2))]
     for channel, edges in ((h, np.linspace(0, 2.0, 11)), (e, np.linspace(0, 1.0, 11))):

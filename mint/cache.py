@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mint.files import build_atomically, sha256_hex
 
 log = logging.getLogger("mint.cache")
 MANIFEST = "manifest.json"
@@ -26,7 +27,7 @@ MANIFEST = "manifest.json"
 
 def config_key(config: Any) -> str:
     """16 hex digits of sha256 over the canonical JSON of `config` (plain dicts/lists/scalars)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_hex(json.dumps(config, sort_keys=True, default=str))[:16]
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -62,20 +63,13 @@ def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) ->
             return entry
         log.warning("%s: cache entry %s fails its manifest check; rebuilding it", stage, entry)
         shutil.rmtree(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
-    try:
-        make(tmp)
-        manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.rename(entry)
-    except OSError:
-        # Another process may have finished the same entry first; theirs is as good.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not verify(entry):
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def make_with_manifest(folder: Path) -> None:
+        make(folder)
+        manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(folder)}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+    # Another process may finish the same entry first; a verified one is as good as ours.
+    build_atomically(entry, make_with_manifest, complete=verify)
     log.info("%s: built %s", stage, entry)
     return entry

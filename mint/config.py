@@ -8,14 +8,15 @@ Code holds the wiring, these hold the knobs; numbers live in conf/.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mint.files import package_dir
 
 
 class Stage(StrEnum):
@@ -27,12 +28,25 @@ class Stage(StrEnum):
     student = "student"  # train the student, skip generation on the test split
 
 
-class Loss(StrEnum):
+class Method(StrEnum):
+    """What the student stage does: align with a loss, or train nothing."""
+
     orpo = "orpo"
     dpo = "dpo"
     sft = "sft"
     none = "none"  # no training: measure the untouched base student
     rag = "rag"  # no training: the base student, its prompts augmented by retrieval (mint/rag/)
+
+    @property
+    def trains(self) -> bool:
+        return self not in (Method.none, Method.rag)
+
+
+class Modality(StrEnum):
+    """What the student reads: the same word in task.student_modality and student.modality."""
+
+    text = "text"
+    image = "image"
 
 
 class PromptTruncation(StrEnum):
@@ -47,7 +61,7 @@ class OnError(StrEnum):
 
 @dataclass
 class ExamplePrefsConfig:
-    """The toy preference set `make run` trains on until the real tasks land."""
+    """The generated toy preference set of task=example (mint/data/example_prefs.py)."""
 
     n: int = 400
     seed: int = 0
@@ -109,7 +123,7 @@ class PipelineTaskConfig:
 
     name: str = MISSING
     source: Any = MISSING  # `_target_` node returning a mint.data.task_data.TaskData
-    student_modality: str = "text"  # what the student sees: text (the note) or image
+    student_modality: str = "text"  # what the student sees: text (the note) or image (a Modality)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
@@ -147,17 +161,15 @@ class RagConfig:
 class OptimConfig:
     """The alignment method and its optimisation settings."""
 
-    name: str = MISSING
-    loss: Loss = MISSING
+    method: Method = MISSING
     beta: float = 0.1  # ORPO lambda / DPO beta
     rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
     # DPO only: first train SFT on the same prompts (chosen as target; cached) and start DPO,
     # and its reference, from that adapter, as the paper does. Ignored with student.adapter_path.
     init_from_sft: bool = False
     sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
-    packed: bool = (
-        True  # one [prompt, chosen, rejected] row per pair (mint/optim/packing.py); false: two rows
-    )
+    packed: bool = True  # one [prompt, chosen, rejected] row per pair (mint/pairs/packed.py); false: two
+
     batch_size: int = 8
     eval_batch_size: int = 16
     warmup_ratio: float = 0.1
@@ -168,12 +180,10 @@ class OptimConfig:
 
 @dataclass
 class StudentConfig:
-    """How to load the student (`mint.student.load_student`); nested nodes are instantiated."""
+    """How to build or load the student (mint/student/); nested nodes are instantiated."""
 
     name: str = MISSING
-    modality: str = (
-        "text"  # text: a causal LM (load_student); vision: an image+text model (load_vision_student)
-    )
+    modality: str = "text"  # text: a causal LM; image: an image+text model (mint/student/kinds.py)
     name_or_path: str | None = None  # HF id or local folder; null = build with `build`
     build: Any = None  # `_partial_` node making a model on the spot (tiny students)
     gguf_file: str | None = None
@@ -240,14 +250,9 @@ class MintConfig:
     objective: str = "val/rewards/accuracies"
 
 
-def _package_dir(package: str) -> str:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"package {package!r} is not installed (needed by the config: ${{mint.package_dir:{package}}})"
-        )
-    return str(spec.submodule_search_locations[0])
+def plain(node: Any) -> Any:
+    """A config node as plain data (resolved), e.g. for a cache key; anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def register_configs() -> None:
@@ -261,7 +266,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="paths", name="paths_schema", node=PathsConfig)
     if not OmegaConf.has_resolver("mint.package_dir"):
-        OmegaConf.register_new_resolver("mint.package_dir", _package_dir)
+        OmegaConf.register_new_resolver("mint.package_dir", lambda package: str(package_dir(package)))
     if not OmegaConf.has_resolver("mint.cwd"):
         # Not ${hydra:runtime.cwd}: Hydra resolves the sweep dir before that exists.
         OmegaConf.register_new_resolver("mint.cwd", os.getcwd)

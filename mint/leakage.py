@@ -18,13 +18,12 @@ metrics by design; they must still never be *trained on*.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mint.data.task_data import Sample, TaskData
-from mint.prefs.builder import PromptTemplate
+from mint.files import sha256_hex
 
 SHOWN = 5  # ids named in an error message
 
@@ -85,24 +84,25 @@ def normalise_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def content_digest(sample: Sample, student_modality: str) -> str:
+# What the student reads of a sample, as bytes (b"" when nothing): the student kind's
+# `student_input` (mint/student/kinds.py) - the normalised note, or the pixels.
+StudentInput = Callable[[Sample], bytes]
+
+
+def content_digest(sample: Sample, student_input: StudentInput) -> str:
     """sha256 of what the student reads of `sample` ("" when it reads nothing there)."""
-    if student_modality == "image":
-        if sample.image is None:
-            return ""
-        return hashlib.sha256(sample.image.tobytes() + str(sample.image.shape).encode()).hexdigest()
-    text = normalise_text(sample.text)
-    return hashlib.sha256(text.encode()).hexdigest() if text else ""
+    data = student_input(sample)
+    return sha256_hex(data) if data else ""
 
 
 def held_out_ids(task: TaskData, splits: Iterable[str] = ("val", "test")) -> dict[str, set[str]]:
     return {split: {s.id for s in task.splits[split]} for split in splits}
 
 
-def check_task_splits(task: TaskData, student_modality: str) -> None:
+def check_task_splits(task: TaskData, student_input: StudentInput) -> None:
     """The splits themselves: no input of val or test reappears in train (or of test in val)."""
     digests = {
-        split: {s.id: content_digest(s, student_modality) for s in task.splits[split]}
+        split: {s.id: content_digest(s, student_input) for s in task.splits[split]}
         for split in ("train", "val", "test")
     }
     check_no_shared_content(
@@ -152,19 +152,19 @@ def check_pipeline_run(
     teacher_train_ids: Iterable[str],
     train_rows: list[dict],
     val_rows: list[dict],
-    prompt: PromptTemplate | None = None,
+    prompt: Callable[[Sample], list[dict]] | None = None,
 ) -> None:
     """Everything a pipeline run trains on, against the held-out splits of `task`.
 
     - the teacher's training folds (its cached `ids_train.json`) hold no val/test id;
     - the preference/SFT training rows hold no val/test id, nor a val/test prompt;
     - the validation rows hold no test id, nor a test prompt.
-    `prompt` renders a sample as the text student sees it; None for image students, whose
-    prompt is the same for every sample (their images are compared in `check_task_splits`).
+    `prompt(sample)` renders a sample's prompt as the student sees it; None when the prompt is
+    the same for every sample (an image student: its images are compared in `check_task_splits`).
     """
     held = held_out_ids(task)
     prompts = {
-        split: {s.id: prompt.messages(s, with_image=False) for s in task.splits[split]}
+        split: {s.id: prompt(s) for s in task.splits[split]}
         for split in ("val", "test")
         if prompt is not None
     }

@@ -7,12 +7,13 @@ chance (k / number of labels). One picture shows how much of the teacher the stu
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mint.files import write_atomic
 
 
 def hits_at_k(ranked: Sequence[Sequence[str]], truths: Sequence[str], n: int) -> list[float]:
@@ -41,14 +42,10 @@ def plot_hits_at_k(path: Path, curves: dict[str, list[float]], n_labels: int, ti
     ax.set(xlabel="k", ylabel="truth among the first k", title=title, ylim=(0, 1), xticks=ks)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, png.getvalue())
     return path

@@ -14,10 +14,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from mint.files import write_atomic
 
 REDACTED = "***"
 # Environment variables whose value is a secret: a name part (split at "_") is one of these.
@@ -38,19 +39,6 @@ SECRET_CONFIG_KEYS = {
     "accesskey",
 }
 MIN_SECRET_LENGTH = 8  # shorter env values ("true", "1") would redact harmless text
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain(value: Any) -> float | int | str | None:
@@ -138,3 +126,11 @@ def scrub_job_start(run_dir: Path) -> None:
     for path in (run_dir / ".hydra").glob("*.yaml"):
         scrub_file(path, secrets)
     sys.argv[:] = [scrub_text(arg, secrets) for arg in sys.argv]
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """What the end of a run prints: the task metrics without CI bounds and timings (all are in results.md)."""
+    keys = [k for k in results if k.startswith(("test/", "teacher/test/", "val/")) and "_ci_" not in k]
+    val_keys = ("val/loss", "val/rewards/accuracies", "val/top1", "val/topk", "val/format_valid")
+    keys = [k for k in keys if not k.startswith("val/") or k in val_keys]
+    return {k: results[k] for k in keys} or results

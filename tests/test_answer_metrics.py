@@ -60,9 +60,11 @@ def test_closed_set_ranking_finds_the_label_a_student_was_trained_to_say(tmp_pat
     """A student that learned to answer 'Beta disease' ranks it first; the metric needs no parsing."""
     import torch
 
-    from mint.data import pairs_to_texts
-    from mint.pipeline import closed_set_metrics
+    from mint.config import Modality
+    from mint.eval.ranking import closed_set_metrics, label_candidates
+    from mint.pairs.rows import pairs_to_texts
     from mint.student import build_tiny_llama, load_student
+    from mint.student.kinds import KINDS
 
     fmt2 = AnswerFormat("POTENTIAL_DISEASES:", n=2)
     prompt = [{"role": "user", "content": "Which disease?"}]
@@ -85,7 +87,9 @@ def test_closed_set_ranking_finds_the_label_a_student_was_trained_to_say(tmp_pat
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    metrics = closed_set_metrics(model, tok, [prompt], [1], LABELS, fmt2, n_boot=10, seed=0)
+    candidates = label_candidates(tok, LABELS, fmt2)
+    scores = KINDS[Modality.text].label_scores(model, tok, prompt, None, candidates).numpy()[None]
+    metrics = closed_set_metrics(scores, [1], fmt2.n, n_boot=10, seed=0)
     assert metrics["test/rank_top1"] == 1.0 and metrics["test/rank_topk"] == 1.0
-    wrong = closed_set_metrics(model, tok, [prompt], [3], LABELS, fmt2, n_boot=10, seed=0)
+    wrong = closed_set_metrics(scores, [3], fmt2.n, n_boot=10, seed=0)
     assert wrong["test/rank_top1"] == 0.0

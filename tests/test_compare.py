@@ -139,9 +139,11 @@ def test_the_sweep_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal
     )
     assert main[1:4] == ["-m", "mint.run", "--multirun"]
     assert {"seed=1,2,3", "optim=none,sft,rag,dpo,orpo", "trainer.max_steps=50"} <= set(main)
-    assert {"logger=wandb", "logger.wandb.group=cmp", "hydra.sweep.subdir=${optim.name}_seed${seed}"} <= set(
-        main
-    )
+    assert {
+        "logger=wandb",
+        "logger.wandb.group=cmp",
+        "hydra.sweep.subdir=${optim.method}_seed${seed}",
+    } <= set(main)
     assert f"hydra.sweep.dir={tmp_path / 'methods'}" in main
     assert {"stage=teacher", "seed=1,2,3", "teacher.model.modalities=[text]"} <= set(teacher)
     assert not any(a.startswith("optim=") for a in teacher)

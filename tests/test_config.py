@@ -48,7 +48,7 @@ def test_every_config_combination_composes_and_resolves():
         for combo in interacting:
             groups = ["task", "optim", "student", "quant"]
             resolved = _compose_resolved([f"{g}={o}" for g, o in zip(groups, combo, strict=True)])
-            assert (resolved["task"]["name"], resolved["optim"]["name"]) == (combo[0], combo[1])
+            assert (resolved["task"]["name"], resolved["optim"]["method"]) == (combo[0], combo[1])
             assert resolved["optim"]["optimizer"] is None or resolved["optim"]["optimizer"]["lr"] > 0
             assert (resolved["student"]["quantization"] is None) == (combo[3] == "none")
         for overrides in independent:
@@ -128,4 +128,4 @@ def test_the_main_job_is_the_tissue_task():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config")
-    assert (cfg.task.name, cfg.optim.name, cfg.student.modality) == ("tissue", "orpo", "vision")
+    assert (cfg.task.name, cfg.optim.method, cfg.student.modality) == ("tissue", "orpo", "image")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mint.prefs.formats import AnswerFormat, match_label, normalize_name
+from mint.names import normalize_name
+from mint.prefs.formats import AnswerFormat, match_label
 
 TISSUES = ["Adrenal Glands", "Bile Duct", "Bladder", "Breast", "Cervix", "Colon", "Head & Neck"]
 FMT = AnswerFormat(header="MOST_LIKELY_TISSUE:", n=3)
@@ -29,6 +30,7 @@ def test_misspelt_names_match_within_the_paper_threshold():
     assert far.matched == [None, None, "Colon"] and not FMT.is_valid(far)
     assert match_label("Bile-duct", TISSUES) == "Bile Duct"
     assert normalize_name("Head & Neck") == "head neck"
+    assert normalize_name("Smith-Lemli-Opitz  Syndrome", punctuation="") == "smithlemliopitz syndrome"
 
 
 def test_extra_prose_around_the_list_is_ignored():

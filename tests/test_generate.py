@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
-from mint.data import pairs_to_texts
 from mint.data.example_prefs import make_example_prefs
 from mint.eval.generate import DecodingSettings, generate_answers
+from mint.pairs.rows import pairs_to_texts
 from mint.student import build_tiny_llama, load_student
 
 

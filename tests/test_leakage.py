@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mint.run
 from mint.cache import MANIFEST, _checksums
+from mint.config import Modality
 from mint.data.rare_disease import simulate_rare_disease
 from mint.data.task_data import Sample, TaskData
 from mint.leakage import (
@@ -21,11 +21,13 @@ from mint.leakage import (
     check_task_splits,
     held_out_ids,
 )
-from mint.pipeline import load_task, prefs_stage, teacher_stage
 from mint.prefs.builder import PromptTemplate
 from mint.run import run
+from mint.stages.teacher import load_task
+from mint.student.kinds import KINDS
 
 TEMPLATE = PromptTemplate(system="You are a counselor.", user="{text}\nList the diseases.")
+TEXT, IMAGE = KINDS[Modality.text], KINDS[Modality.image]
 
 
 def toy_task(train_text: str = "tall, seizures", image: bool = False) -> TaskData:
@@ -48,7 +50,7 @@ def rows_for(task: TaskData, split: str) -> list[dict]:
     return [
         {
             "id": s.id,
-            "prompt": TEMPLATE.messages(s, with_image=False),
+            "prompt": TEMPLATE.text_messages(s),
             "chosen": [{"role": "assistant", "content": "A"}],
             "rejected": [{"role": "assistant", "content": "B"}],
         }
@@ -67,26 +69,30 @@ def test_check_disjoint_names_the_artifact_the_split_and_a_few_ids():
 
 
 def test_the_same_note_in_train_and_test_under_another_id_is_a_leak():
-    check_task_splits(toy_task(train_text="tall, deaf"), "text")  # different notes; empty ones ignored
+    check_task_splits(
+        toy_task(train_text="tall, deaf"), TEXT.student_input
+    )  # different notes; empty ones ignored
     with pytest.raises(
         LeakageError, match=r"toy train split contains the content of 1 test sample.*p1 = test p4"
     ):
-        check_task_splits(toy_task(), "text")  # "tall, seizures" vs "Tall,   Seizures"
+        check_task_splits(toy_task(), TEXT.student_input)  # "tall, seizures" vs "Tall,   Seizures"
 
 
 def test_the_same_image_in_train_and_test_is_a_leak_for_an_image_student():
     task = toy_task(train_text="tall, deaf", image=True)
-    check_task_splits(task, "image")
+    check_task_splits(task, IMAGE.student_input)
     copied = Sample("p9", 0, "another description", image=task.splits["test"][0].image.copy())
     task.splits["train"].append(copied)
     with pytest.raises(LeakageError, match="p9 = test p4"):
-        check_task_splits(task, "image")
+        check_task_splits(task, IMAGE.student_input)
 
 
 def test_every_training_artifact_of_a_pipeline_run_is_checked():
     task = toy_task(train_text="tall, deaf")
     train, val = rows_for(task, "train"), rows_for(task, "val")
-    clean = dict(teacher_train_ids=["p1", "p2"], train_rows=train, val_rows=val, prompt=TEMPLATE)
+    clean = dict(
+        teacher_train_ids=["p1", "p2"], train_rows=train, val_rows=val, prompt=TEXT.held_out_prompt(TEMPLATE)
+    )
     check_pipeline_run(task, **clean)
 
     with pytest.raises(LeakageError, match=r"teacher training folds contains 1 val sample\(s\): 'p3'"):
@@ -109,17 +115,17 @@ def test_every_training_artifact_of_a_pipeline_run_is_checked():
 SMOKE_PIPELINE = ("task=rare_disease", "debug=smoke", "optim=sft", "trainer.max_steps=2")
 
 
-def test_a_run_whose_data_repeats_a_test_note_in_train_refuses_before_the_teacher(
-    make_cfg, tmp_path, monkeypatch
-):
-    def leaky(cfg):
-        task = simulate_rare_disease(n_diseases=24, patients_per_disease=10, seed=0)
-        test = task.splits["test"][0]
-        task.splits["train"].append(Sample("copied-patient", test.label, test.text, vector=test.vector))
-        return task
+def leaky_rare_disease() -> TaskData:
+    """A task source whose training split holds a copy of a test patient's note under a new id."""
+    task = simulate_rare_disease(n_diseases=24, patients_per_disease=10, seed=0)
+    test = task.splits["test"][0]
+    task.splits["train"].append(Sample("copied-patient", test.label, test.text, vector=test.vector))
+    return task
 
-    monkeypatch.setattr(mint.run, "load_task", leaky)
+
+def test_a_run_whose_data_repeats_a_test_note_in_train_refuses_before_the_teacher(make_cfg, tmp_path):
     cfg = make_cfg(*SMOKE_PIPELINE, output_dir=tmp_path / "run")
+    cfg.task.source = {"_target_": f"{__name__}.leaky_rare_disease"}
     cfg.paths.cache_dir = str(tmp_path / "cache")
     with pytest.raises(LeakageError, match="copied-patient = test"):
         run(cfg)
@@ -133,11 +139,11 @@ def test_a_tampered_preference_set_with_a_valid_manifest_stops_the_run(make_cfg,
     cache = tmp_path / "cache"  # a private cache to tamper with
     if (shared_cache / "embeddings").is_dir():  # MiniLM note embeddings: reuse, they take a while
         shutil.copytree(shared_cache / "embeddings", cache / "embeddings")
-    cfg = make_cfg(*SMOKE_PIPELINE, output_dir=tmp_path / "run")
+    cfg = make_cfg(*SMOKE_PIPELINE, "stage=prefs", output_dir=tmp_path / "run")
     cfg.paths.cache_dir = str(cache)
-    task = load_task(cfg)
-    teacher, teacher_key = teacher_stage(cfg, task)
-    entry = prefs_stage(cfg, task, teacher, teacher_key)
+    run(cfg)  # trains the teacher and builds the preference set, in the private cache
+    (entry,) = [p for p in (cache / "prefs").iterdir() if not p.name.startswith(".")]
+    task = load_task(cfg.task)
     val_note = task.splits["val"][0]
     rows = [json.loads(line) for line in (entry / "prefs.jsonl").read_text().splitlines()]
     train_note = {s.id: s.text for s in task.splits["train"]}[rows[0]["id"]]

@@ -10,19 +10,19 @@ from peft import LoraConfig, get_peft_model
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import LlamaForCausalLM
 
-from mint.data import PreferenceCollator, TokenizedPair
-from mint.optim.module import PreferenceModule, answer_logps, nll_from, sft_labels
-from mint.optim.packing import (
-    LengthGroupedSampler,
-    PackedPreferenceCollator,
+from mint.optim.forward import (
+    answer_logps,
+    nll_from,
     packed_additive_mask,
     packed_bool_mask,
-    packed_length,
     packed_logps,
     packed_mask_mod,
-    padding_waste,
+    sft_labels,
 )
+from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
+from mint.pairs.packed import LengthGroupedSampler, PackedPreferenceCollator, packed_length, padding_waste
+from mint.pairs.text import PreferenceCollator, TokenizedPair
 from tests.conftest import random_llama
 
 VOCAB, PAD = 97, 0
@@ -121,7 +121,7 @@ def test_module_loss_packed_equals_unpacked(loss):
         assert abs(a["ref_rejected_logps"] - b["ref_rejected_logps"]) < 1e-5
     results = {}
     for packed, collator in ((False, PreferenceCollator(PAD)), (True, PackedPreferenceCollator(PAD))):
-        module = PreferenceModule(model, loss=loss, sft_on_prompt=True, rpo_alpha=0.5, packed=packed)
+        module = PreferenceModule(model, method=loss, sft_on_prompt=True, rpo_alpha=0.5, packed=packed)
         module.train(loss == "sft")  # sft training uses chosen only; evaluation compares both
         with torch.no_grad():
             results[packed] = module.compute_loss(collator(items))

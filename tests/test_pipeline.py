@@ -9,7 +9,7 @@ import datasets
 import pytest
 from PIL import Image
 
-import mint.pipeline
+import mint.stages.teacher
 from mint.data.tissue import TISSUES
 from mint.run import run
 
@@ -17,13 +17,13 @@ from mint.run import run
 @pytest.fixture
 def count_teacher_fits(monkeypatch):
     calls = []
-    real = mint.pipeline.run_teacher_stage
+    real = mint.stages.teacher.fit_teacher
 
     def counting(*args, **kwargs):
         calls.append(kwargs["out_dir"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mint.pipeline, "run_teacher_stage", counting)
+    monkeypatch.setattr(mint.stages.teacher, "fit_teacher", counting)
     return calls
 
 

@@ -12,15 +12,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mint.data import (
-    PreferenceCollator,
-    TokenizedPair,
-    TruncationReport,
-    pairs_to_texts,
-    read_preference_rows,
-    tokenize_preference_rows,
-)
 from mint.data.example_prefs import CONDITIONS, _findings, main, make_example_prefs, write_jsonl
+from mint.pairs.rows import pairs_to_texts, read_preference_rows
+from mint.pairs.text import PreferenceCollator, TokenizedPair, TruncationReport, tokenize_preference_rows
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -4,14 +4,15 @@ import datasets
 import numpy as np
 import pytest
 
-from mint.data import read_preference_rows
 from mint.data.task_data import Sample, TaskData
+from mint.pairs.rows import read_preference_rows
 from mint.prefs.builder import PromptTemplate, build_preference_rows, choose_labels, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
 
 LABELS = [f"Syndrome {c}" for c in "ABCDEFGH"]
 FMT = AnswerFormat("POTENTIAL_DISEASES:", n=3)
-PROMPT = PromptTemplate(system="You are a genetic counselor.", user="Note: {text}\nList 3 diseases.")
+TEMPLATE = PromptTemplate(system="You are a genetic counselor.", user="Note: {text}\nList 3 diseases.")
+PROMPT = TEMPLATE.text_messages  # as a text student reads it
 
 
 def _task(n_train=4):

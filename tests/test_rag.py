@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import mint.pipeline
+import mint.stages.evaluate
 from mint.data.tissue import simulate_tissue
 from mint.leakage import LeakageError
 from mint.rag import (
@@ -165,13 +165,13 @@ def test_chunks_longer_than_the_encoder_input_are_a_config_error():
 
 def test_rag_run_on_rare_disease_retrieves_disease_profiles_into_the_prompts(make_cfg, tmp_path, monkeypatch):
     seen_prompts = []
-    real_generate = mint.pipeline.generate_answers
+    real_generate = mint.stages.evaluate.generate_answers
 
     def capture(model, tokenizer, prompts, *args, **kwargs):
         seen_prompts.extend(prompts)
         return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(mint.pipeline, "generate_answers", capture)
+    monkeypatch.setattr(mint.stages.evaluate, "generate_answers", capture)
     cfg = make_cfg("task=rare_disease", "optim=rag", "debug=smoke", "optim.rag.text_cutoff=0.3")
     results = run(cfg)
 

@@ -27,17 +27,21 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
-import mint.run
+import mint.stages.student
 import mint.student.load as load_module
 from mint.cache import cached, config_key, verify
+from mint.config import Modality
 from mint.data.task_data import Sample, TaskData
 from mint.optim.module import PreferenceModule
 from mint.report import REDACTED, scrub, secret_values
 from mint.resume import comparable_config, find_resume_checkpoint, start_checkpoint
 from mint.run import run
+from mint.stages.student import student_job
+from mint.stages.trainer import build_loggers
 from mint.student import load_student
+from mint.student.kinds import KINDS
 from mint.student.tiny import train_tokenizer
-from mint.teacher.stage import load_state_dict
+from mint.teacher.crossfit import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
@@ -200,10 +204,17 @@ def test_a_vision_student_on_the_text_task_stops_before_any_work(make_cfg):
     """(The reverse, a text student on the image task, is in tests/test_pipeline.py; from the
     command line Hydra turns the error into exit status 1.)"""
     cfg = make_cfg(*SMOKE, "student=tiny_mllama")
-    with pytest.raises(ValueError, match="student=tiny_mllama is a vision model.*student=tiny_llama"):
+    with pytest.raises(ValueError, match="student=tiny_mllama is an image model.*student=tiny_llama"):
         run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert not (run_dir / "results.json").exists() and not (run_dir / "student").exists()
+
+
+def test_the_old_spelling_of_the_image_modality_names_the_new_one(make_cfg):
+    cfg = make_cfg("task=tissue", "debug=smoke", "student.modality=vision")
+    with pytest.raises(ValueError, match="student.modality='vision' is now spelt student.modality=image"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "teacher").exists()
 
 
 def test_4bit_without_a_usable_bitsandbytes_names_the_key_and_writes_no_results(make_cfg, monkeypatch):
@@ -326,7 +337,8 @@ def test_the_logged_config_has_env_secrets_redacted(make_cfg, monkeypatch):
     cfg = make_cfg(*SMOKE, "logger=csv")
     with open_dict(cfg):
         cfg.callbacks.notify = {"_target_": "my.Notify", "token": "${oc.env:WANDB_API_KEY}"}
-    (csv_logger,) = mint.run.build_loggers(cfg)
+    job = student_job(cfg, KINDS[Modality.text])  # where the run's config is scrubbed for its loggers
+    (csv_logger,) = build_loggers(job.loggers, job.hparams)
     csv_logger.save()
     files = [p for p in Path(cfg.paths.output_dir).rglob("*") if p.is_file()]
     assert [p.name for p in files] == ["hparams.yaml"]
@@ -395,7 +407,7 @@ def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(ma
                     loss = loss + _NaNGradient.apply(param)
             return loss, metrics
 
-    monkeypatch.setattr(mint.run, "PreferenceModule", Broken)
+    monkeypatch.setattr(mint.stages.student, "PreferenceModule", Broken)
     cfg = make_cfg(*SMOKE, "callbacks.model_checkpoint.every_n_train_steps=2")
     with pytest.raises(
         FloatingPointError, match=rf"non-finite (training )?{where}.* at step 5.*checkpoint is kept"

@@ -13,10 +13,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from mint.data import PreferenceCollator, pairs_to_texts, read_preference_rows, tokenize_preference_rows
+import mint.optim.reference
+from mint.config import Modality
 from mint.data.example_prefs import make_example_prefs, write_jsonl
 from mint.optim.module import PreferenceModule
-from mint.run import build_student, run, split_rows
+from mint.pairs.rows import pairs_to_texts, read_preference_rows, split_rows
+from mint.pairs.text import PreferenceCollator, tokenize_preference_rows
+from mint.run import run
+from mint.stages.student import student_job
+from mint.student.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_METRICS = [
@@ -32,6 +37,12 @@ TRL_METRICS = [
 @pytest.fixture(scope="module")
 def prefs_path(tmp_path_factory) -> Path:
     return write_jsonl(make_example_prefs(n=200, seed=3), tmp_path_factory.mktemp("data") / "prefs.jsonl")
+
+
+def with_own_cache(cfg, tmp_path: Path):
+    """The run with a stage cache of this test's own: what it counts cannot come from an earlier test."""
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
 
 
 def _train_losses(run_dir: Path) -> list[float]:
@@ -96,15 +107,17 @@ def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shar
     results = run(cfg)
 
     rows = read_preference_rows(prefs_path)[: cfg.task.max_samples]
-    train_rows, val_rows = split_rows(rows, cfg.task.val_fraction, cfg.seed)
-    cfg.optim.loss = "none"  # base model without a fresh adapter
-    base, tokenizer = build_student(cfg, corpus=pairs_to_texts(train_rows))
+    split = split_rows(rows, cfg.task.val_fraction, cfg.seed)
+    job = student_job(cfg, KINDS[Modality.text])
+    base, tokenizer = job.kind.load(  # the base without a fresh adapter
+        job.student, cache_dir=str(job.cache_dir), corpus=pairs_to_texts(split.train), with_adapter=False
+    )
     model = PeftModel.from_pretrained(base, Path(cfg.paths.output_dir) / "student" / "adapter").eval()
     pairs, _ = tokenize_preference_rows(
-        val_rows, tokenizer, max_length=cfg.task.max_length, max_prompt_length=cfg.task.max_prompt_length
+        split.val, tokenizer, max_length=cfg.task.max_length, max_prompt_length=cfg.task.max_prompt_length
     )
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(pairs)
-    module = PreferenceModule(model, loss="sft").eval()
+    module = PreferenceModule(model, method="sft").eval()
     with torch.no_grad():
         loss, _ = module.compute_loss(batch)
     assert loss.item() == pytest.approx(results["val/loss"], rel=1e-5)
@@ -252,11 +265,11 @@ def test_wandb_logger_writes_an_offline_run(make_cfg, tmp_path, prefs_path, monk
 
 
 def test_dpo_reference_logps_are_computed_once_and_reused(make_cfg, tmp_path, prefs_path, monkeypatch):
-    import mint.run
-
     calls = []
-    real = mint.run.attach_reference_logps
-    monkeypatch.setattr(mint.run, "attach_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mint.optim.reference.attach_reference_logps
+    monkeypatch.setattr(
+        mint.optim.reference, "attach_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     args = (
         "task=custom",
         f"task.prefs_path={prefs_path}",
@@ -265,11 +278,10 @@ def test_dpo_reference_logps_are_computed_once_and_reused(make_cfg, tmp_path, pr
         "trainer.max_steps=3",
         "task.max_samples=40",
     )
-    first = run(make_cfg(*args, output_dir=tmp_path / "a"))
-    n_first = len(calls)
-    second = run(make_cfg(*args, "optim.beta=0.5", output_dir=tmp_path / "b"))
-    assert n_first in (0, 2)  # train + val, unless an earlier test cached them
-    assert len(calls) == n_first  # the second run (another beta) reused the cached reference
+    first = run(with_own_cache(make_cfg(*args, output_dir=tmp_path / "a"), tmp_path))
+    assert len(calls) == 2  # train + val pairs
+    second = run(with_own_cache(make_cfg(*args, "optim.beta=0.5", output_dir=tmp_path / "b"), tmp_path))
+    assert len(calls) == 2  # the second run (another beta) reused the cached reference
     assert first["train/steps"] == second["train/steps"] == 3
 
 
@@ -277,25 +289,22 @@ def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeyp
     """optim=dpo first trains SFT on the same pairs (once, cached) and starts from that adapter."""
     from safetensors.torch import load_file
 
-    import mint.run
-
-    starts = []
-    real = mint.run.sft_start_adapter
-    monkeypatch.setattr(mint.run, "sft_start_adapter", lambda *a: starts.append(real(*a)) or starts[-1])
-    trained = []
-    real_stage = mint.run.student_stage
-    monkeypatch.setattr(
-        mint.run, "student_stage", lambda c, *a, **k: trained.append(c.optim.loss) or real_stage(c, *a, **k)
-    )
     common = ("task=custom", f"task.prefs_path={prefs_path}", "debug=smoke", "task.max_samples=40")
-    sft = run(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"))
-    dpo = run(make_cfg(*common, "optim=dpo", output_dir=tmp_path / "dpo"))
-    again = run(make_cfg(*common, "optim=dpo", "optim.beta=0.5", output_dir=tmp_path / "dpo_beta"))
+    sft = run(with_own_cache(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"), tmp_path))
+    dpo = run(with_own_cache(make_cfg(*common, "optim=dpo", output_dir=tmp_path / "dpo"), tmp_path))
+    again = run(
+        with_own_cache(
+            make_cfg(*common, "optim=dpo", "optim.beta=0.5", output_dir=tmp_path / "dpo_beta"), tmp_path
+        )
+    )
 
-    assert trained == ["sft", "sft", "dpo", "dpo"]  # the second DPO run reused the SFT start
-    assert dpo["sft_start/adapter"] == again["sft_start/adapter"] == starts[0]
+    # The first DPO run trained its SFT start (logs and checkpoints in its sft_start/); the
+    # second (another beta) found it in the cache and trained only DPO.
+    assert (tmp_path / "dpo" / "sft_start" / "csv" / "metrics.csv").is_file()
+    assert not (tmp_path / "dpo_beta" / "sft_start").exists()
+    assert dpo["sft_start/adapter"] == again["sft_start/adapter"]
     weights = "adapter_model.safetensors"
-    start = load_file(Path(starts[0]) / weights)
+    start = load_file(Path(dpo["sft_start/adapter"]) / weights)
     standalone = load_file(tmp_path / "sft" / "student" / "adapter" / weights)
     assert start.keys() == standalone.keys()
     assert all(torch.equal(start[k], standalone[k]) for k in start)  # the SFT start is the SFT method

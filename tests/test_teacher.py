@@ -17,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mint.data.task_data import SPLITS, Sample, TaskData, stratified_split  # noqa: E402
-from mint.teacher import FusionTeacher, TeacherModule, TeacherResult, fusion_teacher, run_teacher_stage  # noqa: E402
-from mint.teacher.metrics import bootstrap_ci, mrr, ranking_metrics, ranks, topk_accuracy  # noqa: E402
-from mint.teacher.stage import DictDataset, stratified_folds  # noqa: E402
-from mint.teacher.text_encoder import TextEncoder, embed_frozen  # noqa: E402
+from mint.metrics import bootstrap_ci, mrr, ranking_metrics, ranks, topk_accuracy  # noqa: E402
+from mint.sentence_encoder import TextEncoder, embed_frozen  # noqa: E402
+from mint.teacher import FusionTeacher, TeacherModule, TeacherResult, fit_teacher, fusion_teacher  # noqa: E402
+from mint.teacher.crossfit import DictDataset, stratified_folds  # noqa: E402
 
 # Classes come in look-alike pairs (0,1), (2,3), (4,5) that share their note vocabulary:
 # text alone cannot tell a pair apart (~50% top-1), the vector can.
@@ -71,7 +71,7 @@ def stage(
     task: TaskData, out_dir: Path, folds: int = 0, seed: int = 0, max_epochs: int = 25, **teacher: Any
 ) -> TeacherResult:
     make = partial(fusion_teacher, lr=3e-3, hidden_dim=64, **teacher)
-    return run_teacher_stage(
+    return fit_teacher(
         task,
         make_teacher=make,
         trainer_kwargs={"max_epochs": max_epochs, "accelerator": "cpu"},
@@ -169,7 +169,7 @@ def test_timm_image_path_fits_on_tiny_images(tmp_path: Path) -> None:
     task = synthetic_task(per_class=8, image_size=16)
     # timm's own tiny test network (0.4M parameters): the resnet18 default is the same code path.
     make = partial(fusion_teacher, modalities=["image"], image_backbone="test_resnet", image_size=32, lr=3e-3)
-    result = run_teacher_stage(
+    result = fit_teacher(
         task,
         make_teacher=make,
         trainer_kwargs={"max_epochs": 2, "accelerator": "cpu"},
@@ -213,7 +213,7 @@ class IdMemoriser(TeacherModule):
 
 def test_out_of_fold_rankings_are_not_in_sample(task: TaskData, tmp_path: Path) -> None:
     def run(folds: int) -> TeacherResult:
-        return run_teacher_stage(
+        return fit_teacher(
             task,
             make_teacher=IdMemoriser,
             trainer_kwargs={"max_epochs": 15, "accelerator": "cpu"},

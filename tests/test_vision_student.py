@@ -11,15 +11,13 @@ import pytest
 import torch
 import transformers
 
-from mint.optim.module import answer_logps
+from mint.optim.forward import answer_logps
+from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
 from mint.student.vision import (
     LANGUAGE_AND_PROJECTOR_TARGETS,
-    VisionPreferenceCollator,
     build_tiny_mllama,
-    encode_vision_pair,
     image_states,
     load_vision_student,
-    vision_messages,
 )
 
 CORPUS = [

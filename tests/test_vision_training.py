@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mint.optim.module import PreferenceModule, answer_logps, sft_labels, sides_logits
+from mint.config import Modality
+from mint.optim.forward import answer_logps, sft_labels
+from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
-from mint.student.vision import (
-    VisionPreferenceCollator,
-    build_tiny_mllama,
-    encode_vision_pair,
-    load_vision_student,
-    vision_messages,
-)
+from mint.pairs.packed import PackedPreferenceCollator
+from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
+from mint.student.kinds import KINDS
+from mint.student.vision import build_tiny_mllama, image_sides_logits, load_vision_student
+
+IMAGE = KINDS[Modality.image]  # what a run with an image student uses
 
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
 PROMPT = vision_messages("You name colours.", "Which colour is this image?")
@@ -65,7 +66,9 @@ def _pairs(processor) -> list:
 
 def _module(model: torch.nn.Module, loss: str, **kwargs) -> PreferenceModule:
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-2)
-    return PreferenceModule(model, loss=loss, beta=0.1, optimizer=optimizer, **kwargs)
+    return PreferenceModule(
+        model, method=loss, beta=0.1, optimizer=optimizer, forward=IMAGE.sides_forward, **kwargs
+    )
 
 
 def _loss(module: PreferenceModule, batch: dict[str, torch.Tensor]) -> float:
@@ -85,7 +88,7 @@ def test_training_on_images_lowers_the_loss_and_the_adapter_reloads(
     collator = VisionPreferenceCollator(pad)
     if method == "dpo":
         collator = VisionPreferenceCollator(pad)
-        pairs = attach_reference_logps(model, pairs, collator, batch_size=3)
+        pairs = attach_reference_logps(model, pairs, collator, batch_size=3, forward=IMAGE.sides_forward)
     everything = collator(pairs)
     module = _module(model, method)
     if method == "dpo":
@@ -109,12 +112,12 @@ def test_training_on_images_lowers_the_loss_and_the_adapter_reloads(
 
     model.eval()
     with torch.no_grad():
-        logits = sides_logits(model, everything)
+        logits = image_sides_logits(model, everything)
         # The prompt is the same for every pair: only the image tells which answer is right.
         swapped = dict(everything, pixel_values=everything["pixel_values"].roll(1, 0))
         labels = torch.cat([everything["chosen_labels"], everything["rejected_labels"]])
         assert not torch.allclose(
-            answer_logps(sides_logits(model, swapped), labels)[0], answer_logps(logits, labels)[0]
+            answer_logps(image_sides_logits(model, swapped), labels)[0], answer_logps(logits, labels)[0]
         )
 
     model.save_pretrained(tmp_path / "adapter")
@@ -123,7 +126,7 @@ def test_training_on_images_lowers_the_loss_and_the_adapter_reloads(
     )
     reloaded.eval()
     with torch.no_grad():
-        assert torch.equal(sides_logits(reloaded, everything), logits)
+        assert torch.equal(image_sides_logits(reloaded, everything), logits)
 
 
 def test_encoding_the_image_once_equals_repeating_the_pixels(tiny: Path, tmp_path: Path) -> None:
@@ -141,7 +144,7 @@ def test_encoding_the_image_once_equals_repeating_the_pixels(tiny: Path, tmp_pat
             cross_attention_mask=twice("cross_attention_mask"),
             use_cache=False,
         ).logits
-        assert torch.allclose(sides_logits(model, batch), pixels, atol=1e-5)
+        assert torch.allclose(image_sides_logits(model, batch), pixels, atol=1e-5)
 
 
 def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, tmp_path: Path) -> None:
@@ -160,16 +163,12 @@ def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, 
     with pytest.raises(ValueError, match="packed"):
         _module(model, "orpo", packed=True).compute_loss(batch)
     with pytest.raises(ValueError, match="VisionPreferenceCollator"):
-        from mint.optim.packing import PackedPreferenceCollator
-
         attach_reference_logps(model, _pairs(processor), PackedPreferenceCollator(0), batch_size=2)
 
 
 def test_closed_set_scores_with_an_image_equal_the_training_forward(tiny: Path, tmp_path: Path) -> None:
     """Ranking candidates for an image scores each one as the training forward scores an answer."""
     import dataclasses
-
-    from mint.eval.ranking import score_candidates_with_image
 
     model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=LORA)
     model.eval()
@@ -178,14 +177,14 @@ def test_closed_set_scores_with_an_image_equal_the_training_forward(tiny: Path, 
     candidates = [
         processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Red.", "Blue.", "A")
     ]
-    scores = score_candidates_with_image(model, pair, candidates, pad_token_id=pad, batch_size=2)
+    scores = IMAGE.label_scores(model, processor, PROMPT, _image("Red", 0), candidates)
     for i, ids in enumerate(candidates):
         one = dataclasses.replace(pair, chosen_ids=ids, rejected_ids=ids)
         batch = VisionPreferenceCollator(pad)([one])
         with torch.no_grad():
-            expected = answer_logps(sides_logits(model, batch, sides=("chosen",)), batch["chosen_labels"])[0]
-        assert scores.summed[i].item() == pytest.approx(expected.item(), abs=1e-4)
-    other = encode_vision_pair(processor, _image("Blue", 1), PROMPT, "-", "-", max_length=64)
-    assert not torch.allclose(
-        scores.summed, score_candidates_with_image(model, other, candidates, pad_token_id=pad).summed
-    )  # the image is part of what is scored
+            expected = answer_logps(
+                image_sides_logits(model, batch, sides=("chosen",)), batch["chosen_labels"]
+            )[0]
+        assert scores[i].item() == pytest.approx(expected.item(), abs=1e-4)
+    other = IMAGE.label_scores(model, processor, PROMPT, _image("Blue", 1), candidates)
+    assert not torch.allclose(scores, other)  # the image is part of what is scored

@@ -1,23 +1,5 @@
-"""Data sources and the preference-pair pipeline (read -> tokenize -> collate).
+"""Task data sources: simulated HPO patients, a GMDB-format folder, simulated nuclei, PanNuke.
 
-`mint.data.example_prefs` is not re-exported here: importing it from the package would make
-`python -m mint.data.example_prefs` warn that the module was imported before it ran.
+Each returns a `mint.data.task_data.TaskData`. Submodules are imported where used
+(`python -m mint.data.example_prefs` must not be imported before it runs).
 """
-
-from mint.data.preference import (
-    PreferenceCollator,
-    TokenizedPair,
-    TruncationReport,
-    pairs_to_texts,
-    read_preference_rows,
-    tokenize_preference_rows,
-)
-
-__all__ = [
-    "PreferenceCollator",
-    "TokenizedPair",
-    "TruncationReport",
-    "pairs_to_texts",
-    "read_preference_rows",
-    "tokenize_preference_rows",
-]

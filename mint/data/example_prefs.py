@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from mint.files import write_atomic
 
 # name -> five findings of its own; the sixth comes from SHARED_FINDINGS.
 CONDITIONS: dict[str, tuple[str, ...]] = {
@@ -86,19 +86,7 @@ def make_example_prefs(n: int = 400, seed: int = 0) -> list[dict]:
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write one JSON object per line, atomically: readers never see a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
 

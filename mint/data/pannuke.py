@@ -14,15 +14,15 @@ the number of instances per class; without, the description comes from stain sta
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mint.data.nuclei import EOSIN, HAEMATOXYLIN
 from mint.data.task_data import SPLITS, Sample, TaskData
 from mint.data.tissue import NUCLEUS_CLASSES, TISSUES
+from mint.names import normalize_name
+from mint.stains import optical_density, stain_concentrations
 
 LAYOUTS = (
     "'<root>/Fold {n}/images/fold{n}/images.npy' + 'types.npy' (optional '<root>/Fold {n}/masks/fold{n}/masks.npy'), "
@@ -31,16 +31,16 @@ LAYOUTS = (
 
 
 def _key(name: str) -> str:
-    """Spelling-insensitive key: 'Adrenal_gland', 'adrenal glands' and 'Adrenal Glands' agree."""
-    words = re.sub(r"[^a-z]+", " ", name.lower().replace("&", " ")).split()
-    return "".join(w for w in words if w != "and").rstrip("s")
+    """Spelling-insensitive key: 'Adrenal_gland', 'adrenal glands' and 'Adrenal Glands' agree;
+    so do 'HeadNeck', 'head_and_neck' and 'Head & Neck' (spaces, "and" and a plural "s" dropped)."""
+    return "".join(w for w in normalize_name(name).split() if w != "and").rstrip("s")
 
 
 _TISSUE_BY_KEY = {_key(name): name for name in TISSUES}
 
 
 def normalize_tissue(name: str) -> str:
-    """The PAPER.md spelling of a PanNuke tissue name ('HeadNeck' -> 'Head & Neck'); KeyError if unknown."""
+    """The paper's spelling (`TISSUES`) of a PanNuke tissue name ('HeadNeck' -> 'Head & Neck'); KeyError if unknown."""
     try:
         return _TISSUE_BY_KEY[_key(name)]
     except KeyError:
@@ -165,8 +165,7 @@ def describe_counts(counts: dict[str, int]) -> str:
 
 def describe_stain(image: np.ndarray) -> str:
     """A generic description from haematoxylin/eosin densities when no masks are given."""
-    od = -np.log(np.clip(image.astype(float), 1.0, 255.0) / 255.0).reshape(-1, 3)
-    concentrations = od @ np.linalg.pinv(np.stack([HAEMATOXYLIN, EOSIN], axis=1)).T
+    concentrations = stain_concentrations(optical_density(image).reshape(-1, 3))
     nuclear = float((concentrations[:, 0] > 0.6).mean())
     eosin = float(np.median(concentrations[:, 1]))
     cellular = (

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mint.data.nuclei import EOSIN, HAEMATOXYLIN, NucleusBatch, PatchStyle, render_patches
+from mint.data.nuclei import NucleusBatch, PatchStyle, render_patches
 from mint.data.task_data import Sample, TaskData, stratified_split
+from mint.stains import EOSIN, HAEMATOXYLIN
 
 TISSUES = [
     "Adrenal Glands",

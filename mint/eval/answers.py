@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from mint.metrics import bootstrap_ci
 from mint.prefs.formats import AnswerFormat
-from mint.teacher.metrics import bootstrap_ci
 
 
 def teacher_agreement(

@@ -7,6 +7,7 @@ are a config away.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,38 +42,36 @@ def generate_answers(
     tokenizer: Any,
     prompts: list[list[dict]],
     settings: DecodingSettings,
-    images: list[Any] | None = None,
+    model_inputs: Callable[[list[str], range], Any] | None = None,
 ) -> list[str]:
     """One answer per conversational prompt (message list), decoded without special tokens.
 
-    With `images` (one per prompt, whose user turn holds one image part) `tokenizer` is the
-    vision student's processor, which turns text and image into the model's inputs.
+    `tokenizer` is the student's text tokenizer. `model_inputs(texts, indices)` turns the
+    rendered prompts of `prompts[indices]` into the model's inputs; None tokenizes the text
+    (an image student's kind passes one that adds each prompt's image, mint.student.kinds).
     """
-    text_tokenizer = tokenizer.tokenizer if images is not None else tokenizer
     was_training = model.training
     model.eval()
-    config = settings.generation_config(text_tokenizer)
-    side = text_tokenizer.padding_side
-    text_tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
+    config = settings.generation_config(tokenizer)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
     answers: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
-            chunk = slice(start, start + settings.batch_size)
+            indices = range(start, min(start + settings.batch_size, len(prompts)))
             texts = [
-                text_tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                for p in prompts[chunk]
+                tokenizer.apply_chat_template(prompts[i], add_generation_prompt=True, tokenize=False)
+                for i in indices
             ]
-            if images is None:
-                batch = text_tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            if model_inputs is None:
+                batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
             else:
-                batch = tokenizer(
-                    images=[[i] for i in images[chunk]], text=texts, padding=True, return_tensors="pt"
-                )
+                batch = model_inputs(texts, indices)
             batch = batch.to(model.device)
             output = model.generate(**batch, generation_config=config)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(text_tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
-        text_tokenizer.padding_side = side
+        tokenizer.padding_side = side
         model.train(was_training)
     return answers

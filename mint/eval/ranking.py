@@ -1,5 +1,7 @@
 """Closed-set ranking: the log-likelihood of each of C candidate answers after one prompt.
 
+`closed_set_metrics` turns a [prompts, labels] score matrix into `rank_top1` / `rank_topk`.
+
 Scoring C candidates as C full sequences runs the (long) prompt C times. Here the prompt
 goes through the model once; its key/value cache (transformers' `DynamicCache`) is then
 shared by every batch of candidates, which only run their own few tokens. The cache's
@@ -10,13 +12,15 @@ the candidates' keys onto them, which leaves the prompt's tensors untouched for 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from mint.student.vision import VisionPair, image_inputs, image_states
+from mint.metrics import bootstrap_ci, topk_hits
+from mint.prefs.formats import AnswerFormat
 
 
 class CandidateScores(NamedTuple):
@@ -85,7 +89,7 @@ def score_candidates(
     return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
 
 
-def _full_sequence_scores(
+def full_sequence_scores(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prompt_ids: Sequence[int],
     candidate_ids_list: Sequence[Sequence[int]],
@@ -93,7 +97,10 @@ def _full_sequence_scores(
     device: torch.device,
     batch_size: int,
 ) -> CandidateScores:
-    """Scores from full sequences [prompt, candidate]; `forward(ids, attention_mask)` -> logits."""
+    """Scores from full sequences [prompt, candidate]; `forward(ids, attention_mask)` -> logits.
+
+    The way to score when the prompt's text KV cache is not enough (an image student's forward
+    also takes cross-attention inputs: see mint.student.vision.image_prompt_forward)."""
     if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
         raise ValueError("scoring needs at least one candidate and no empty candidate")
     prompt = list(prompt_ids)
@@ -130,42 +137,35 @@ def score_candidates_full(
         return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
 
     device = next(model.parameters()).device
-    return _full_sequence_scores(
+    return full_sequence_scores(
         forward, prompt_ids, candidate_ids_list, _pad_id(tokenizer), device, batch_size
     )
 
 
-@torch.inference_mode()
-def score_candidates_with_image(
-    model: torch.nn.Module,
-    pair: VisionPair,
-    candidate_ids_list: Sequence[Sequence[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 32,
-) -> CandidateScores:
-    """The scores for a vision student: `pair` carries the prompt (with its <|image|> token) and the
-    image; its answers are ignored. Full sequences, since the text KV cache above does not carry
-    cross-attention inputs; the image goes through the vision tower once for all candidates."""
-    device = next(model.parameters()).device
-    states = image_states(
-        model,
-        pair.pixel_values[None].to(device),
-        pair.aspect_ratio_ids[None].to(device),
-        pair.aspect_ratio_mask[None].to(device),
-    )
+def label_candidates(tokenizer: Any, labels: Sequence[str], fmt: AnswerFormat) -> list[list[int]]:
+    """One candidate per label: the answer naming it first (header + "1. 'Label'"), as token ids.
 
-    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        rows = ids.shape[0]
-        cross_mask = image_inputs([pair] * rows, ids.shape[1])["cross_attention_mask"].to(device)
-        return model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            cross_attention_states=states.repeat(rows, 1, 1),
-            cross_attention_mask=cross_mask,
-            use_cache=False,
-        ).logits
+    Its summed log-prob is the probability of opening the list with that label. The closing
+    quote ends the name, so a name that is the prefix of another ("X syndrome" / "X syndrome,
+    X-linked") is not favoured.
+    """
+    return [
+        tokenizer(f"{fmt.header}\n1. {fmt.quote}{label}{fmt.quote}", add_special_tokens=False)["input_ids"]
+        for label in labels
+    ]
 
-    return _full_sequence_scores(
-        forward, pair.prompt_ids, candidate_ids_list, pad_token_id, device, batch_size
-    )
+
+def closed_set_metrics(
+    scores: np.ndarray, truths: Sequence[int], k: int, *, n_boot: int, seed: int, prefix: str = "test"
+) -> dict[str, float]:
+    """`<prefix>/rank_top1`, `<prefix>/rank_topk` (with 95% bootstrap CIs) from scores [N, labels]."""
+    targets = np.asarray(truths)
+    metrics: dict[str, float] = {}
+    for name, top in (("rank_top1", 1), ("rank_topk", k)):
+        mean, low, high = bootstrap_ci(topk_hits(scores, targets, top), n_boot=n_boot, seed=seed)
+        metrics |= {
+            f"{prefix}/{name}": mean,
+            f"{prefix}/{name}_ci_low": low,
+            f"{prefix}/{name}_ci_high": high,
+        }
+    return metrics

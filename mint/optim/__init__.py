@@ -1,4 +1,1 @@
-from mint.optim.losses import dpo_loss, orpo_loss
-from mint.optim.module import PreferenceModule
-
-__all__ = ["PreferenceModule", "dpo_loss", "orpo_loss"]
+"""Preference optimisation: the losses, the forward that feeds them, the LightningModule, DPO's reference."""

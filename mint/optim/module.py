@@ -1,17 +1,13 @@
 """The preference LightningModule: one module for ORPO, DPO and SFT.
 
-Two batch layouts, chosen by `packed`:
-- packed (mint.optim.packing.PackedPreferenceCollator): one row [prompt, chosen,
-  rejected] per pair, the prompt encoded once (see mint/optim/packing.py);
-- unpacked (mint.data.PreferenceCollator): chosen and rejected sequences padded to
-  one length and run as a single forward of 2B rows. Labels are -100 on prompt and
-  padding, so answer log-probs never include prompt tokens.
+Two batch layouts, chosen by `packed` (mint/optim/forward.py runs both):
+- packed (mint.pairs.packed): one row [prompt, chosen, rejected] per pair, the prompt
+  encoded once;
+- unpacked (mint.pairs.text, mint.pairs.vision): chosen and rejected sequences padded to one
+  length and run as one forward of 2B rows by `forward`, the student kind's hook (an image
+  student encodes each image once there). Labels are -100 on prompt and padding, so answer
+  log-probs never include prompt tokens.
 Both give the same log-probs (tests/test_packing.py), so the losses below are shared.
-
-Vision students (mint.student.vision) train on the unpacked layout only: a
-VisionPreferenceCollator batch adds `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`
-and one `cross_attention_mask` shared by both sides; `sides_logits` encodes each image once
-and reuses it for the chosen and the rejected rows.
 """
 
 from __future__ import annotations
@@ -21,93 +17,18 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from mint.config import Loss
+from mint.config import Method
+from mint.optim.forward import (
+    SIDES,
+    SidesForward,
+    answer_logps,
+    nll_from,
+    packed_logps,
+    sft_labels,
+    text_sides_logits,
+)
 from mint.optim.losses import dpo_loss, orpo_loss
-from mint.optim.packing import packed_logps
-from mint.student.vision import image_states
-
-# The keys a VisionPreferenceCollator batch adds to the text batch.
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each label token given its prefix, 0 where the label is -100.
-
-    logits [N, T, V] predict the token at t+1 from position t; labels [N, T].
-    """
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    logps = -F.cross_entropy(
-        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
-    )
-    return logps  # [N, T-1], zeros at ignored positions
-
-
-def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-prob per row and the number of answer tokens per row."""
-    logps = token_logps(logits, labels)
-    n_tokens = (labels[:, 1:] != -100).sum(-1)
-    return logps.sum(-1), n_tokens
-
-
-def nll_from(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-averaged negative log-likelihood over the positions that carry a label."""
-    logps = token_logps(logits, labels)
-    return -logps.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
-
-
-def sft_labels(
-    batch: dict[str, torch.Tensor], on_prompt: bool, vocab_size: int | None = None
-) -> torch.Tensor:
-    """Targets of the NLL term: the chosen answer, or prompt + chosen (TRL's ORPO).
-
-    With `on_prompt`, ids at or past `vocab_size` (the logits' last dim) are no targets: Mllama's
-    `<|image|>` token has an input embedding but no output logit, so it cannot be predicted.
-    """
-    if not on_prompt:
-        return batch["chosen_labels"]
-    ids = batch["chosen_input_ids"]
-    keep = batch["chosen_attention_mask"].bool()
-    if vocab_size is not None:
-        keep &= ids < vocab_size
-    return torch.where(keep, ids, torch.full_like(ids, -100))
-
-
-def has_images(batch: dict[str, torch.Tensor]) -> bool:
-    """Whether `batch` comes from a VisionPreferenceCollator."""
-    return "pixel_values" in batch
-
-
-def sides_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = ("chosen", "rejected")
-) -> torch.Tensor:
-    """Logits of the given sides of an unpacked batch, concatenated along the batch dim in that order.
-
-    Text batches run as they always have. Image batches encode each image once (vision tower +
-    projector, `image_states`) and repeat the states and the shared cross-attention mask for
-    every side: the sides share the prompt and so the image.
-    """
-    input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
-    attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
-    if not has_images(batch):
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    missing = [key for key in IMAGE_KEYS if key not in batch]
-    if missing:
-        raise ValueError(
-            f"an image batch (it has pixel_values) lacks {missing}; use VisionPreferenceCollator"
-        )
-    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
-    # states hold images*tiles rows per pair, in batch order; the model groups them back by row.
-    n = len(sides)
-    return model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        cross_attention_states=states.repeat(n, 1, 1),
-        cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
-        use_cache=False,
-    ).logits
 
 
 class PreferenceModule(L.LightningModule):
@@ -117,7 +38,7 @@ class PreferenceModule(L.LightningModule):
         self,
         model: torch.nn.Module,
         *,
-        loss: Loss | str,
+        method: Method | str,
         beta: float = 0.1,
         rpo_alpha: float | None = None,
         sft_on_prompt: bool = False,
@@ -125,10 +46,11 @@ class PreferenceModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         warmup_ratio: float = 0.1,
         packed: bool = False,
+        forward: SidesForward = text_sides_logits,
     ) -> None:
         super().__init__()
         self.model = model
-        self.loss_name = Loss(loss)
+        self.method = Method(method)
         self.beta = beta
         self.rpo_alpha = rpo_alpha
         self.sft_on_prompt = sft_on_prompt
@@ -136,6 +58,7 @@ class PreferenceModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.warmup_ratio = warmup_ratio
         self.packed = packed
+        self.forward_sides = forward
         # Checkpoints keep only trainable weights (see on_save_checkpoint), so
         # loading one must not demand the frozen base weights.
         self.strict_loading = False
@@ -150,35 +73,28 @@ class PreferenceModule(L.LightningModule):
             return out.chosen_sum, out.rejected_sum, out.chosen_count, out.rejected_count, out.nll
         batch_size = batch["chosen_input_ids"].shape[0]
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logits = sides_logits(self.model, batch)
+        logits = self.forward_sides(self.model, batch, SIDES)
         sums, counts = answer_logps(logits, labels)
         nll = nll_from(logits[:batch_size], sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
         return sums[:batch_size], sums[batch_size:], counts[:batch_size], counts[batch_size:], nll
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.packed and has_images(batch):
-            # The packed row [prompt, chosen, rejected] would need a cross-attention mask in
-            # packed layout and a per-segment image; not built yet.
-            raise ValueError(
-                "optim.packed=true does not support image inputs (vision students); "
-                "use the unpacked VisionPreferenceCollator batches (optim.packed=false)"
-            )
-        if self.loss_name is Loss.sft and self.training and not self.packed:
+        if self.method is Method.sft and self.training and not self.packed:
             # SFT training needs only the chosen rows; its validation compares both.
             # (Packed rows hold both answers; the rejected tail costs little next to the prompt.)
-            logits = sides_logits(self.model, batch, ("chosen",))
+            logits = self.forward_sides(self.model, batch, ("chosen",))
             nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
             chosen_sum, chosen_n = answer_logps(logits, batch["chosen_labels"])
             return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
 
         chosen_sum, rejected_sum, chosen_n, rejected_n, nll = self._answer_logps(batch)
         chosen_mean, rejected_mean = chosen_sum / chosen_n, rejected_sum / rejected_n
-        if self.loss_name is Loss.sft and self.training:
+        if self.method is Method.sft and self.training:
             return nll, {"nll_loss": nll.detach(), "logps/chosen": chosen_mean.mean().detach()}
 
-        if self.loss_name is Loss.orpo:
+        if self.method is Method.orpo:
             return orpo_loss(chosen_mean, rejected_mean, nll, self.beta)
-        if self.loss_name is Loss.dpo:
+        if self.method is Method.dpo:
             loss, metrics = dpo_loss(
                 chosen_sum, rejected_sum, batch["ref_chosen_logps"], batch["ref_rejected_logps"], self.beta
             )

@@ -1,79 +1,105 @@
-"""DPO reference log-probs, computed once before training.
+"""DPO's reference log-probs: computed once before training and kept in the stage cache.
 
-The reference is the student as training starts: the base with a fresh LoRA
-adapter (whose update is zero, so it equals the base) or with the adapter it was
-loaded from (e.g. an SFT adapter). One model stays in memory.
-
-With a `PackedPreferenceCollator` the reference uses the packed forward (each prompt
-encoded once); pairs go through in order of length so that batches carry little padding.
-Vision pairs (`VisionPair`, collated by a `VisionPreferenceCollator`) use the unpacked
-forward with the image encoded once per pair (mint.optim.module.sides_logits); collate
-the returned dicts with `VisionPreferenceCollator`, which keeps the reference log-probs.
+The reference is the student as training starts: the base with a fresh LoRA adapter (whose
+update is zero, so it equals the base) or with the adapter it was loaded from (e.g. the SFT
+start). One model stays in memory. `reference_logps` owns both the computing and the caching
+(as TRL's `_precompute_ref_logps` does): the entry is keyed by the tokenized pairs (an image
+pair's pixels included) and whatever identifies the starting student, so a sweep over seeds or
+betas on the same preference set computes them once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mint.data import PreferenceCollator, TokenizedPair
-from mint.optim.module import answer_logps, sides_logits
-from mint.optim.packing import PackedPreferenceCollator, packed_length, packed_logps
-from mint.student.vision import VisionPair, VisionPreferenceCollator
+from mint.cache import cached
+from mint.optim.forward import SidesForward, summed_answer_logps, text_sides_logits
+from mint.pairs.packed import PackedPreferenceCollator, packed_length
+from mint.pairs.text import as_item
+
+Collator = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
 
 
-def _as_fields(pair: TokenizedPair | VisionPair) -> dict:
-    """The pair's fields as a dict; a VisionPair's pixel tensors are shared, not deep-copied."""
-    if isinstance(pair, TokenizedPair):
-        return dataclasses.asdict(pair)
-    return {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
-
-
-def _summed_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], packed: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed chosen and rejected answer log-probs of one collated batch."""
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if packed:
-        out = packed_logps(model, batch)
-        return out.chosen_sum, out.rejected_sum
-    n = batch["chosen_input_ids"].shape[0]
-    logits = sides_logits(model, batch)
-    sums, _ = answer_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
-    return sums[:n], sums[n:]
+def pairs_digest(pairs: Sequence[Any]) -> str:
+    """sha256 of the token ids of every pair, and of its pixels when it carries an image."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+        if hasattr(pair, "pixel_values"):  # an image pair: the image is part of what is scored
+            digest.update(pair.pixel_values.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.inference_mode()
 def attach_reference_logps(
     model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair | VisionPair],
-    collator: PreferenceCollator | PackedPreferenceCollator | VisionPreferenceCollator,
+    pairs: Sequence[Any],
+    collator: Collator,
     batch_size: int,
+    forward: SidesForward = text_sides_logits,
 ) -> list[dict]:
-    """Returns the pairs, in their order, as dicts carrying `ref_chosen_logps` / `ref_rejected_logps` (summed)."""
+    """The pairs, in their order, as dicts carrying `ref_chosen_logps` / `ref_rejected_logps` (summed).
+
+    A `PackedPreferenceCollator` runs the packed forward (each prompt once); any other collator's
+    batches run through `forward`. The collators pass the two keys on into their batches.
+    """
     packed = isinstance(collator, PackedPreferenceCollator)
-    vision = any(isinstance(p, VisionPair) for p in pairs)
-    if vision and not isinstance(collator, VisionPreferenceCollator):
-        raise ValueError(
-            f"vision pairs need a VisionPreferenceCollator (unpacked; packed image inputs are not "
-            f"supported), got {type(collator).__name__}"
-        )
     was_training = model.training
     model.eval()  # no dropout in the reference
-    # packed_length reads token lists only; a VisionPair's are the same three fields.
-    order = sorted(range(len(pairs)), key=lambda i: packed_length(_as_fields(pairs[i])))
+    # In order of length, so that batches carry little padding.
+    order = sorted(range(len(pairs)), key=lambda i: packed_length(pairs[i]))
     out: list[dict | None] = [None] * len(pairs)
     for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch"):
         indices = order[start : start + batch_size]
-        chosen, rejected = _summed_logps(model, collator([pairs[i] for i in indices]), packed)
+        batch = {k: v.to(model.device) for k, v in collator([pairs[i] for i in indices]).items()}
+        chosen, rejected = summed_answer_logps(model, batch, packed, forward)
         for row, index in enumerate(indices):
             out[index] = {
-                **_as_fields(pairs[index]),
+                **as_item(pairs[index]),
                 "ref_chosen_logps": chosen[row].item(),
                 "ref_rejected_logps": rejected[row].item(),
             }
     model.train(was_training)
     return out
+
+
+def reference_logps(
+    model: torch.nn.Module,
+    pairs: Sequence[Any],
+    collator: Collator,
+    *,
+    batch_size: int,
+    forward: SidesForward,
+    cache_dir: Path,
+    student: dict[str, Any],
+) -> list[dict]:
+    """`attach_reference_logps` through the stage cache. `student`: what identifies the starting
+    student (its whole config: base, adapter, dtype, quantization)."""
+    if not pairs:
+        return []
+    key = {
+        "pairs": pairs_digest(pairs),
+        "student": student,
+        "packed": isinstance(collator, PackedPreferenceCollator),
+    }
+
+    def make(folder: Path) -> None:
+        scored = attach_reference_logps(model, pairs, collator, batch_size, forward)
+        np.save(
+            folder / "ref_logps.npy",
+            np.array([[d["ref_chosen_logps"], d["ref_rejected_logps"]] for d in scored]),
+        )
+
+    ref = np.load(cached(cache_dir, "reference", key, make) / "ref_logps.npy")
+    return [
+        {**as_item(pair), "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+        for pair, (c, r) in zip(pairs, ref, strict=True)
+    ]

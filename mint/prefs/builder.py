@@ -4,7 +4,7 @@ For each training sample the prompt is what the *student* sees (the note, or the
 image plus a question), `chosen` is the teacher's top-k labels and `rejected`
 its bottom-q labels (or, with `negatives="hard"`, the labels it ranks just
 below the top-k), each rendered in the task's answer format. The teacher's
-scores of training samples must be out-of-fold (see mint.teacher.stage):
+scores of training samples must be out-of-fold (see mint.teacher.crossfit):
 ranked in-sample, the teacher is always right and `chosen` copies the label.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,11 +30,15 @@ class PromptTemplate:
     system: str
     user: str  # str.format template; `{text}` is the sample's text (the note) when the student reads it
 
-    def messages(self, sample: Sample, with_image: bool) -> list[dict[str, Any]]:
+    def text_messages(self, sample: Sample) -> list[dict[str, Any]]:
+        """The prompt of a text student: system and user turns as strings."""
         user_text = self.user.format(text=sample.text)
-        if not with_image:
-            return [{"role": "system", "content": self.system}, {"role": "user", "content": user_text}]
-        # Vision chat format (TRL's too): every content a list of parts, so a dataset column has one type.
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user_text}]
+
+    def image_messages(self, sample: Sample) -> list[dict[str, Any]]:
+        """The prompt of an image student, in the vision chat format (TRL's too): every content a
+        list of parts, so a dataset column has one type; the image part stands before the question."""
+        user_text = self.user.format(text=sample.text)
         return [
             {"role": "system", "content": [{"type": "text", "text": self.system}]},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
@@ -67,13 +71,16 @@ def build_preference_rows(
     train_scores: np.ndarray,
     *,
     answer: AnswerFormat,
-    prompt: PromptTemplate,
+    prompt: Callable[[Sample], list[dict[str, Any]]],
     q: int,
     negatives: Negatives = "bottom",
     force_truth: bool = False,
-    student_sees_image: bool = False,
 ) -> list[dict[str, Any]]:
-    """One conversational preference row per training sample, in task.splits['train'] order."""
+    """One conversational preference row per training sample, in task.splits['train'] order.
+
+    `prompt(sample)` is the prompt as the student reads it (the student kind renders the
+    template: mint/student/kinds.py); an image student's rows get their images attached after.
+    """
     samples = task.splits["train"]
     if train_scores.shape != (len(samples), len(task.labels)):
         raise ValueError(
@@ -90,14 +97,12 @@ def build_preference_rows(
             "id": sample.id,
             # "truth", not "label": TRL reads a `label` column as the unpaired-preference flag
             "truth": task.labels[sample.label],
-            "prompt": prompt.messages(sample, with_image=student_sees_image),
+            "prompt": prompt(sample),
             "chosen": [{"role": "assistant", "content": answer.render([task.labels[i] for i in chosen])}],
             "rejected": [
                 {"role": "assistant", "content": rejected_format.render([task.labels[i] for i in rejected])}
             ],
         }
-        if student_sees_image:
-            row["images"] = [sample.image]
         rows.append(row)
     return rows
 

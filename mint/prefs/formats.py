@@ -9,24 +9,19 @@ Rendering is exact (it makes `chosen`/`rejected`); parsing is lenient about what
 a generated answer adds around the list (prose, missing header, bullets, quotes)
 and strict about what counts as valid (the right number of distinct known
 labels). Names are matched to the label set as in the paper: difflib ratio
->= 0.8 after lower-casing and stripping punctuation.
+>= 0.8 after lower-casing and turning punctuation into spaces (`mint.names`).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-import string
 from dataclasses import dataclass
 
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+from mint.names import normalize_name
+
 # "1. 'Name'", "1) Name", "- Name", "* 'Name'" — one answer line each.
 _ITEM = re.compile(r"^\s*(?:\d{1,3}\s*[.):-]|[-*•])\s*(?P<name>.+?)\s*$")
-
-
-def normalize_name(name: str) -> str:
-    """Lower-case, punctuation to spaces, whitespace collapsed: 'Head & Neck' -> 'head neck'."""
-    return " ".join(name.lower().translate(_PUNCT).split())
 
 
 def match_label(name: str, labels: list[str], threshold: float = 0.8) -> str | None:

@@ -1,6 +1,6 @@
 """What the retriever compares: MiniLM sentence embeddings of text, stain statistics of images.
 
-Text uses the teacher's frozen all-MiniLM-L6-v2 tower (mint.teacher.text_encoder): one
+Text uses the teacher's frozen all-MiniLM-L6-v2 tower (mint.sentence_encoder): one
 model in the process, embeddings memoised per text and cached on disk.
 
 Images use a fixed, label-free embedding: haematoxylin/eosin stain statistics of the patch
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mint.data.nuclei import EOSIN, HAEMATOXYLIN
-from mint.teacher.text_encoder import default_model_dir, embed_frozen, frozen_encoder
+from mint.sentence_encoder import default_model_dir, embed_frozen, frozen_encoder
+from mint.stains import optical_density, stain_concentrations
 
 # Stain concentration ranges for the histograms (optical density units): nuclei reach ~2
 # in haematoxylin, eosin-stained stroma ~1.
@@ -48,12 +48,11 @@ def stain_features(images: Sequence[np.ndarray]) -> np.ndarray:
     of nucleus borders across rows and columns, and the 90th haematoxylin percentile (4).
     """
     rows = []
-    unmix = np.linalg.pinv(np.stack([HAEMATOXYLIN, EOSIN], axis=1))  # [2, 3]: OD -> (H, E)
     for image in images:
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"stain_features expects uint8 [H, W, 3] images, got shape {image.shape}")
-        od = -np.log(np.clip(image.astype(np.float64), 1.0, 255.0) / 255.0)
-        h, e = np.moveaxis(od @ unmix.T, -1, 0)  # [H, W] each
+        od = optical_density(image)
+        h, e = np.moveaxis(stain_concentrations(od), -1, 0)  # [H, W] each
         dark = h > _DARK_H
         rows.append(
             np.concatenate(

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mint.data.rare_disease import disease_annotations
+from mint.data.omim import disease_annotations
 from mint.data.task_data import SPLITS, TaskData
 
 

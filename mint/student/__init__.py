@@ -1,4 +1,5 @@
-"""Student LLMs: load any HF causal LM, a GGUF file, or a tiny Llama built from config."""
+"""Student LLMs: build or load them (any HF causal LM, a GGUF file, a tiny Llama, a Mllama vision
+model), and `kinds.py`, the one place that decides whether a student reads text or images."""
 
 from mint.student.gguf import smollm2_gguf
 from mint.student.load import load_student

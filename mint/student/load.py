@@ -7,12 +7,9 @@ by optional k-bit preparation, gradient checkpointing and a LoRA adapter.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mint.files import build_atomically, sha256_hex
 from mint.student.gguf import convert_gguf
 
 log = logging.getLogger("mint.student")
@@ -188,25 +186,12 @@ def _build_key(build: Callable[..., Path], corpus: Sequence[str]) -> str:
 
 
 def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return sha256_hex(text)[:12]
 
 
 def _materialize(target: Path, make: Callable[[Path], object]) -> Path:
-    """Run `make(tmp)` once and rename `tmp` to `target`, so that `target` is either complete or absent."""
+    """`target`, built once by `make(folder)`: complete or absent, also when two processes race."""
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     log.info("building student %s", target)
-    try:
-        make(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first; its copy is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
-    return target
+    return build_atomically(target, make)

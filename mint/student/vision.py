@@ -6,21 +6,17 @@ Two sources end in the same `from_pretrained` call, as for text students (mint.s
 - a local copy or hub id of `meta-llama/Llama-3.2-11B-Vision-Instruct`, the paper's student.
 
 LoRA goes on the language layers (self- and cross-attention, MLP) and the multi-modal
-projector, as in the paper; the vision tower stays frozen. `encode_vision_pair` and
-`VisionPreferenceCollator` turn an image plus a preference pair into the tensors the
-preference module feeds to the model (`image_inputs` and the collator document the batch contract).
+projector, as in the paper; the vision tower stays frozen. The forwards below read the
+batches of `mint.pairs.vision` and encode each image once (`image_states`), for training
+(`image_sides_logits`) and for scoring candidate answers (`image_prompt_forward`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import peft
 import torch
 import transformers
@@ -36,7 +32,7 @@ from transformers import (
     MllamaVisionConfig,
 )
 
-from mint.data.preference import PreferenceCollator
+from mint.pairs.vision import IMAGE_KEYS, VisionPair, image_inputs
 from mint.student.load import (
     DTYPES,
     attach_adapter,
@@ -264,141 +260,6 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no vision_model: not a Mllama-style vision student")
 
 
-# --------------------------------------------------------------------------- encoding
-
-
-@dataclass(frozen=True)
-class VisionPair:
-    """One tokenized preference pair with its image, for one-image one-tile-or-more Mllama inputs.
-
-    `prompt_ids`/`chosen_ids`/`rejected_ids` mean what they mean in mint.data.TokenizedPair
-    (answers carry no prompt token); the image tensors are the processor's output for one image:
-    pixel_values [1, tiles, 3, H, W], aspect_ratio_ids [1], aspect_ratio_mask [1, tiles].
-    `image_position` is the index of the <|image|> token in `prompt_ids`: every token from it on
-    attends to the image.
-    """
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    pixel_values: torch.Tensor
-    aspect_ratio_ids: torch.Tensor
-    aspect_ratio_mask: torch.Tensor
-    image_position: int
-
-
-def vision_messages(system: str | None, question: str) -> list[dict[str, Any]]:
-    """A Llama-3.2-Vision prompt: optional system turn, then a user turn of image + question."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
-    return messages
-
-
-def encode_vision_pair(
-    processor: Any,
-    image: np.ndarray,
-    prompt_messages: list[dict[str, Any]],
-    chosen: str | list[dict[str, Any]],
-    rejected: str | list[dict[str, Any]],
-    max_length: int,
-) -> VisionPair:
-    """Tokenize prompt + both answers through the chat template and preprocess the image.
-
-    The prompt must hold exactly one image part (see `vision_messages`); answers are strings
-    or TRL assistant-message lists, and are cut so that prompt + answer fits `max_length`.
-    The prompt itself is never cut (that could drop the image token): too long is an error.
-    """
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
-    tokenizer = processor.tokenizer
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    positions = [i for i, t in enumerate(prompt_ids) if t == image_token_id]
-    if len(positions) != 1:
-        raise ValueError(
-            f"the prompt must hold exactly one {processor.image_token} token (one {{'type': 'image'}} part "
-            f"in a user turn), found {len(positions)}: {prompt_text!r}"
-        )
-    if len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"the prompt has {len(prompt_ids)} tokens, no room for an answer in max_length={max_length}"
-        )
-
-    answers = []
-    for answer in (chosen, rejected):
-        messages = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
-        full_text = tokenizer.apply_chat_template(prompt_messages + messages, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(
-                "the chat template is not prefix-stable: prompt + answer does not start with the prompt "
-                f"rendered with add_generation_prompt=True.\nprompt: {prompt_text!r}\nfull:   {full_text!r}"
-            )
-        ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        answers.append(ids[: max_length - len(prompt_ids)])
-    if not answers[0] or not answers[1]:
-        raise ValueError("the chat template rendered an empty answer")
-
-    pixels = processor.image_processor(images=[[image]], return_tensors="pt")
-    return VisionPair(
-        prompt_ids=prompt_ids,
-        chosen_ids=answers[0],
-        rejected_ids=answers[1],
-        pixel_values=pixels["pixel_values"][0],
-        aspect_ratio_ids=pixels["aspect_ratio_ids"][0],
-        aspect_ratio_mask=pixels["aspect_ratio_mask"][0],
-        image_position=positions[0],
-    )
-
-
-def image_inputs(pairs: Sequence[VisionPair], length: int) -> dict[str, torch.Tensor]:
-    """The image tensors of a batch of pairs whose token rows are padded to `length`.
-
-    - pixel_values [B, 1, tiles, 3, H, W] float, aspect_ratio_ids [B, 1] long,
-      aspect_ratio_mask [B, 1, tiles] long: one image per pair (tiles = the processor's
-      max_image_tiles, 1 for the tiny model);
-    - cross_attention_mask [B, length, 1, tiles] long: row t is the image's tile mask for every
-      position t >= the <|image|> token and 0 before it. Everything after the image token sees
-      the image: the rest of the prompt, chosen and rejected answers (also when packed into one
-      row after the prompt) and padding, as the processor and generate() extend it.
-    """
-    pixel_values = torch.stack([p.pixel_values for p in pairs])
-    aspect_ratio_mask = torch.stack([p.aspect_ratio_mask for p in pairs])
-    mask = torch.zeros((len(pairs), length, 1, aspect_ratio_mask.shape[-1]), dtype=torch.long)
-    for row, pair in enumerate(pairs):
-        mask[row, pair.image_position :, 0, :] = pair.aspect_ratio_mask[0]
-    return {
-        "pixel_values": pixel_values,
-        "aspect_ratio_ids": torch.stack([p.aspect_ratio_ids for p in pairs]),
-        "aspect_ratio_mask": aspect_ratio_mask,
-        "cross_attention_mask": mask,
-    }
-
-
-class VisionPreferenceCollator:
-    """mint.data.PreferenceCollator's text batch plus `image_inputs` for the same rows.
-
-    chosen_/rejected_input_ids, _attention_mask, _labels [B, T] and prompt_lengths [B] are as in
-    PreferenceCollator (right padding to one T for both sides, labels -100 on prompt and
-    padding); chosen and rejected rows share the prompt, so one `cross_attention_mask` [B, T, 1,
-    tiles] serves both. To run both sides in one forward, concatenate the sides along the batch
-    and repeat the image tensors and the mask twice (or encode each image once with
-    `image_states` and repeat its output).
-    """
-
-    def __init__(self, pad_token_id: int, label_pad_id: int = -100):
-        self.text = PreferenceCollator(pad_token_id=pad_token_id, label_pad_id=label_pad_id)
-
-    def __call__(self, pairs: Sequence[VisionPair | dict]) -> dict[str, torch.Tensor]:
-        # Dicts are what mint.optim.reference.attach_reference_logps returns: a pair's fields
-        # plus its reference log-probs, which the text collator passes through.
-        fields = [f.name for f in dataclasses.fields(VisionPair)]
-        items = [{k: getattr(p, k) for k in fields} if isinstance(p, VisionPair) else p for p in pairs]
-        batch = self.text(items)
-        vision_pairs = [VisionPair(**{k: item[k] for k in fields}) for item in items]
-        return batch | image_inputs(vision_pairs, batch["chosen_input_ids"].shape[1])
-
-
 def image_states(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
@@ -422,3 +283,56 @@ def _mllama_model(model: torch.nn.Module) -> torch.nn.Module:
     if inner is None or not hasattr(inner, "multi_modal_projector"):
         raise ValueError(f"{type(base).__name__} is not a Mllama-style vision student")
     return inner
+
+
+def image_sides_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = ("chosen", "rejected")
+) -> torch.Tensor:
+    """Logits of the given sides of a VisionPreferenceCollator batch, concatenated along the batch.
+
+    Each image goes through the vision tower and projector once (`image_states`); its states and
+    the shared cross-attention mask are repeated for every side: the sides share the prompt and
+    so the image.
+    """
+    missing = [key for key in IMAGE_KEYS if key not in batch]
+    if missing:
+        raise ValueError(f"an image student's batch lacks {missing}; use VisionPreferenceCollator")
+    input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
+    attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
+    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
+    # states hold images*tiles rows per pair, in batch order; the model groups them back by row.
+    n = len(sides)
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cross_attention_states=states.repeat(n, 1, 1),
+        cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
+        use_cache=False,
+    ).logits
+
+
+def image_prompt_forward(
+    model: torch.nn.Module, pair: VisionPair
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """forward(ids, attention_mask) -> logits for rows that all start with `pair`'s prompt (and so
+    see its image); the image is encoded once here, for every call."""
+    device = next(model.parameters()).device
+    states = image_states(
+        model,
+        pair.pixel_values[None].to(device),
+        pair.aspect_ratio_ids[None].to(device),
+        pair.aspect_ratio_mask[None].to(device),
+    )
+
+    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = ids.shape[0]
+        cross_mask = image_inputs([pair] * rows, ids.shape[1])["cross_attention_mask"].to(device)
+        return model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            cross_attention_states=states.repeat(rows, 1, 1),
+            cross_attention_mask=cross_mask,
+            use_cache=False,
+        ).logits
+
+    return forward

@@ -27,9 +27,9 @@ from torch import nn
 from transformers import AutoConfig, CLIPModel, CLIPProcessor
 
 from mint.data.task_data import Sample, TaskData
+from mint.sentence_encoder import default_model_dir, embed_frozen
+from mint.teacher.crossfit import DictDataset, TeacherModule, adamw_cosine
 from mint.teacher.fusion import image_tensor
-from mint.teacher.stage import DictDataset, TeacherModule, adamw_cosine
-from mint.teacher.text_encoder import default_model_dir, embed_frozen
 
 PROMPT_TEMPLATE = "An H&E image of {label} tissue nuclei."
 # CLIP's cap on the learned logit scale (1/temperature): beyond it training turns unstable.
@@ -175,7 +175,7 @@ class ClipTeacher(TeacherModule):
 
 
 def clip_teacher(task: TaskData, **kwargs: Any) -> ClipTeacher:
-    """`make_teacher` for run_teacher_stage (Hydra: `_target_` this with `_partial_: true`)."""
+    """`make_teacher` for fit_teacher (Hydra: `_target_` this with `_partial_: true`)."""
     return ClipTeacher(labels=list(task.labels), **kwargs)
 
 

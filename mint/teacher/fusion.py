@@ -24,8 +24,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from mint.data.task_data import Sample, TaskData
-from mint.teacher.stage import DictDataset, TeacherModule, adamw_cosine
-from mint.teacher.text_encoder import TextEncoder, default_model_dir, embed_frozen
+from mint.sentence_encoder import TextEncoder, default_model_dir, embed_frozen
+from mint.teacher.crossfit import DictDataset, TeacherModule, adamw_cosine
 
 MODALITIES = ("text", "image")
 FUSIONS = ("concat", "gated", "cross_attention")
@@ -189,7 +189,7 @@ class FusionTeacher(TeacherModule):
 
 
 def fusion_teacher(task: TaskData, *, image_backbone: str = "resnet18", **kwargs: Any) -> FusionTeacher:
-    """`make_teacher` for run_teacher_stage: a FusionTeacher sized from the task.
+    """`make_teacher` for fit_teacher: a FusionTeacher sized from the task.
 
     The label count comes from the task; the image branch from its samples: an MLP
     when they carry a `vector`, else `image_backbone` over their `image`. Other

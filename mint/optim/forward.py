@@ -1,12 +1,10 @@
-"""Prefix-shared preference forward: each pair is ONE row [prompt, chosen, rejected].
+"""The preference forward: answer log-probs of a collated batch, packed or unpacked.
 
-TRL (and `PreferenceCollator`) run every prompt twice, once before each answer. MINT's
-prompts are long (clinical notes) and its answers short, so that doubles most of the work.
-Here the rejected answer follows the chosen one in the same row, and two things make the
-model see exactly what it would see in two separate forwards:
+Packed (`mint.pairs.packed`): each pair is ONE row [prompt, chosen, rejected], and two things
+make the model see exactly what it would see in two separate forwards:
 - an attention pattern in which the rejected tokens attend to the prompt and to themselves
   (causally) but never to the chosen tokens;
-- position ids that restart after the prompt for the rejected tokens.
+- position ids that restart after the prompt for the rejected tokens (set by the collator).
 The first rejected token is predicted from the last *prompt* position, not from the token
 just before it in the row; `PackedLogps` handles that with an explicit predictor index.
 
@@ -15,76 +13,28 @@ The pattern is one rule (`_attend`) used for every attention implementation: a d
 mask to the attention function unchanged, see `_preprocess_mask_arguments` in
 transformers/masking_utils.py), or a FlexAttention `BlockMask` for "flex_attention" on GPUs,
 where a dense mask would rule out the fused kernels.
+
+Unpacked (`mint.pairs.text.PreferenceCollator`, or the image collator): chosen and rejected
+sequences padded to one length; a `SidesForward` runs the sides it is asked for as one batch.
+`text_sides_logits` is the text one; an image student supplies its own (mint.student.kinds).
+Both layouts give the same log-probs (tests/test_packing.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+import torch.nn.functional as F
 
-from mint.data import TokenizedPair
+from mint.pairs.packed import CHOSEN, PAD, PROMPT, REJECTED
 
-# Segment ids of the packed layout.
-PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
-
-
-# --------------------------------------------------------------------------- collating
-
-
-def _as_dict(pair: TokenizedPair | dict) -> dict:
-    return dataclasses.asdict(pair) if isinstance(pair, TokenizedPair) else pair
-
-
-def packed_length(pair: TokenizedPair | dict) -> int:
-    """Tokens of one packed row: prompt + chosen + rejected."""
-    item = _as_dict(pair)
-    return len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
-
-
-class PackedPreferenceCollator:
-    """Right-padded rows [prompt, chosen, rejected] with segment and position ids.
-
-    The 4D mask is not built here: it is B·T² values, so the forward builds it on the
-    model's device from `segment_ids` (or a BlockMask from the same ids).
-    """
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, pairs: Sequence[TokenizedPair | dict]) -> dict[str, torch.Tensor]:
-        items = [_as_dict(p) for p in pairs]
-        length = max(packed_length(it) for it in items)
-        n = len(items)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        segment_ids = torch.full((n, length), PAD, dtype=torch.long)
-        position_ids = torch.zeros((n, length), dtype=torch.long)
-        for row, it in enumerate(items):
-            prompt, chosen, rejected = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-            segment_ids[row, :p] = PROMPT
-            segment_ids[row, p : p + c] = CHOSEN
-            segment_ids[row, p + c : p + c + r] = REJECTED
-            position_ids[row, : p + c] = torch.arange(p + c)
-            position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)  # as if right after the prompt
-        batch = {
-            "input_ids": input_ids,
-            "segment_ids": segment_ids,
-            "position_ids": position_ids,
-            "prompt_lengths": torch.tensor([len(it["prompt_ids"]) for it in items], dtype=torch.long),
-            "chosen_lengths": torch.tensor([len(it["chosen_ids"]) for it in items], dtype=torch.long),
-            "rejected_lengths": torch.tensor([len(it["rejected_ids"]) for it in items], dtype=torch.long),
-        }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in items[0]:
-                batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)
-        return batch
+# forward(model, batch, sides) -> logits of the given sides of an unpacked batch, concatenated
+# along the batch dim in that order.
+SidesForward = Callable[[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...]], torch.Tensor]
+SIDES = ("chosen", "rejected")
 
 
 # --------------------------------------------------------------------------- masks
@@ -166,7 +116,7 @@ def attention_mask_for(model: torch.nn.Module, segment_ids: torch.Tensor) -> Any
     )
 
 
-# --------------------------------------------------------------------------- forward
+# --------------------------------------------------------------------------- packed forward
 
 
 @dataclass(frozen=True)
@@ -209,6 +159,12 @@ def packed_logps(
     logits, so only the rows' tails go through the output layer (`logits_to_keep`): with a
     128k vocabulary that saves more memory than anything else here.
     """
+    if "segment_ids" not in batch:
+        # e.g. an image student's batches: its cross-attention inputs have no packed layout yet
+        raise ValueError(
+            "optim.packed=true needs packed batches (mint.pairs.packed.PackedPreferenceCollator); "
+            "this batch is unpacked: set optim.packed=false for this student"
+        )
     segment_ids = batch["segment_ids"]
     prompt_lengths = batch["prompt_lengths"]
     length = segment_ids.shape[1]
@@ -248,65 +204,69 @@ def packed_logps(
     )
 
 
-# --------------------------------------------------------------------------- batching
+# --------------------------------------------------------------------------- unpacked forward
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Seeded shuffle, then sorting by length inside mega-batches, so a batch holds similar lengths.
+def text_sides_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = SIDES
+) -> torch.Tensor:
+    """Logits of the given sides of an unpacked text batch, concatenated along the batch dim."""
+    input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
+    attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    Each epoch: shuffle all indices (seed + epoch), cut them into mega-batches of
-    `batch_size * mega_batches` and sort each by length (longest first), cut those into batches,
-    and shuffle the batch order so lengths do not cycle. Use with a DataLoader whose
-    `batch_size` equals this one's. Stateful (`state_dict`/`load_state_dict`), so a
-    `StatefulDataLoader` resumed mid-epoch sees the same batches.
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each label token given its prefix, 0 where the label is -100.
+
+    logits [N, T, V] predict the token at t+1 from position t; labels [N, T].
     """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, mega_batches: int = 50):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega = batch_size * mega_batches
-        self.epoch = 0
-        self._start = 0  # where a resumed epoch continues
-        self._yielded = 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def order(self, epoch: int) -> list[int]:
-        rng = random.Random(self.seed + epoch)
-        indices = list(range(len(self.lengths)))
-        rng.shuffle(indices)
-        batches: list[list[int]] = []
-        for start in range(0, len(indices), self.mega):
-            mega = sorted(indices[start : start + self.mega], key=lambda i: -self.lengths[i])
-            batches.extend(mega[b : b + self.batch_size] for b in range(0, len(mega), self.batch_size))
-        # Keep a short last batch last: a DataLoader batches consecutive indices.
-        tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
-        rng.shuffle(batches)
-        return [i for batch in batches + tail for i in batch]
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.order(self.epoch)
-        for position in range(self._start, len(order)):
-            self._yielded = position + 1
-            yield order[position]
-        self.epoch += 1
-        self._start = self._yielded = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = state["epoch"]
-        self._start = self._yielded = state["yielded"]
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    logps = -F.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
+    )
+    return logps  # [N, T-1], zeros at ignored positions
 
 
-def padding_waste(lengths: Sequence[int], batch_order: Sequence[int], batch_size: int) -> float:
-    """Share of the padded token grid that is padding when batching `batch_order` consecutively."""
-    padded = real = 0
-    for start in range(0, len(batch_order), batch_size):
-        batch = [lengths[i] for i in batch_order[start : start + batch_size]]
-        padded += max(batch) * len(batch)
-        real += sum(batch)
-    return 1.0 - real / padded
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-prob per row and the number of answer tokens per row."""
+    logps = token_logps(logits, labels)
+    n_tokens = (labels[:, 1:] != -100).sum(-1)
+    return logps.sum(-1), n_tokens
+
+
+def nll_from(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-averaged negative log-likelihood over the positions that carry a label."""
+    logps = token_logps(logits, labels)
+    return -logps.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+
+def sft_labels(
+    batch: dict[str, torch.Tensor], on_prompt: bool, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Targets of the NLL term: the chosen answer, or prompt + chosen (TRL's ORPO).
+
+    With `on_prompt`, ids at or past `vocab_size` (the logits' last dim) are no targets: Mllama's
+    `<|image|>` token has an input embedding but no output logit, so it cannot be predicted.
+    """
+    if not on_prompt:
+        return batch["chosen_labels"]
+    ids = batch["chosen_input_ids"]
+    keep = batch["chosen_attention_mask"].bool()
+    if vocab_size is not None:
+        keep &= ids < vocab_size
+    return torch.where(keep, ids, torch.full_like(ids, -100))
+
+
+def summed_answer_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], packed: bool, forward: SidesForward
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen and rejected answer log-probs of one collated batch (DPO's reference)."""
+    if packed:
+        out = packed_logps(model, batch)
+        return out.chosen_sum, out.rejected_sum
+    n = batch["chosen_input_ids"].shape[0]
+    logits = forward(model, batch, SIDES)
+    sums, _ = answer_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
+    return sums[:n], sums[n:]

@@ -1,22 +1,20 @@
-"""The generic teacher stage: fit a teacher, rank every label for every sample, save it all.
+"""Fitting a teacher: cross-fitted folds, out-of-fold rankings of every label for every sample.
 
-Any `TeacherModule` runs through `run_teacher_stage`: the rare-disease fusion
+Any `TeacherModule` runs through `fit_teacher`: the rare-disease fusion
 teacher, the tissue CLIP-style teacher. It returns (and writes to `out_dir`)
 a score matrix [N, C] per split. Training-split scores are cross-fitted: each
 training sample is scored by a teacher that never saw it, because ranked
 in-sample the teacher is right ~100% of the time and the preference builder's
-`chosen` would collapse into a copy of the label (DESIGN.md, lesson 1).
+`chosen` would collapse into a copy of the label.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mint.data.task_data import SPLITS, Sample, TaskData
-from mint.teacher.metrics import ranking_metrics, ranks
+from mint.files import build_atomically
+from mint.metrics import ranking_metrics, ranks
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class DictDataset(Dataset):
 
 
 class TeacherModule(L.LightningModule):
-    """What `run_teacher_stage` needs from a teacher.
+    """What `fit_teacher` needs from a teacher.
 
     Subclasses implement `forward(batch) -> logits [B, C]` (C = number of labels,
     higher = more likely) and `make_dataset(samples)` whose rows carry a `label`
@@ -333,18 +332,7 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished tmp folder to out_dir in one rename, replacing any previous result."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
-def run_teacher_stage(
+def fit_teacher(
     task: TaskData,
     *,
     make_teacher: Callable[[TaskData], TeacherModule],
@@ -373,20 +361,18 @@ def run_teacher_stage(
       adds synchronisation (measured ~7x slower tests on 2 busy cores). Featurizing (MiniLM)
       keeps the process setting. On 2 busy cores 1 thread also won for a narrow CNN (1.5 s vs
       35 s an epoch); use None on GPUs and on machines with idle cores.
-    Writes atomically: a temp folder next to out_dir, renamed into place when complete.
+    Writes atomically (`mint.files.build_atomically`): a temp folder next to out_dir, renamed
+    into place when complete; a result already in out_dir is replaced.
     """
     if not task.splits["val"] or not task.splits["train"]:
         raise ValueError(
             f"teacher stage on {task.name!r} needs train and val samples (val drives early stopping)"
         )
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     spec = _FitSpec(make_teacher, dict(trainer_kwargs), batch_size, k, patience, monitor)
     n_labels = len(task.labels)
-    try:
+
+    def make(tmp: Path) -> None:
         with _quiet_lightning():
             clock = time.perf_counter()
             featurizer = make_teacher(task)
@@ -448,16 +434,14 @@ def run_teacher_stage(
             (tmp / f"ids_{split}.json").write_text(json.dumps([s.id for s in task.splits[split]]))
         (tmp / "labels.json").write_text(json.dumps(task.labels))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    result = TeacherResult.load(build_atomically(Path(out_dir), make, replace=True))
     log.info(
         "teacher: test top1=%.3f top%d=%.3f, train OOF top1=%.3f, %.1fs",
-        metrics.get("teacher/test/top1", float("nan")),
+        result.metrics.get("teacher/test/top1", float("nan")),
         k,
-        metrics.get("teacher/test/topk", float("nan")),
-        metrics.get("teacher/train_oof/top1", float("nan")),
-        timings["total_s"],
+        result.metrics.get("teacher/test/topk", float("nan")),
+        result.metrics.get("teacher/train_oof/top1", float("nan")),
+        result.metrics["teacher/time/total_s"],
     )
-    return TeacherResult.load(out_dir)
+    return result

@@ -1,5 +1,9 @@
 """A knowledge-based rare-disease ranker: HPO terms found in the note vs each disease's annotations.
 
+A reference, not a method under test: `rare_disease_data.py` uses it to calibrate the
+simulated task (the defaults keep it far from perfect) and for the README's knowledge-only
+row. No run of `mint.run` uses it.
+
 What phenotype-only tools do, in its plainest form:
 1. find HPO findings in the note: exact phrase matches (word boundaries, plural "s" folded)
    of each candidate term's name and wordings (`hpo_sim.wordings`), skipping sentences with
@@ -23,7 +27,7 @@ import re
 from collections.abc import Mapping
 
 from mint.data import hpo_sim
-from mint.data.rare_disease import disease_annotations
+from mint.data.omim import disease_annotations
 from mint.data.task_data import Sample, TaskData
 
 _NEGATION = re.compile(r"\b(no|not|without|denies|negative)\b")

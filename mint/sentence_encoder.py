@@ -1,6 +1,6 @@
-"""The teacher's text tower: all-MiniLM-L6-v2 with mean pooling, frozen or trainable.
+"""The sentence encoder: all-MiniLM-L6-v2 with mean pooling, frozen or trainable.
 
-Frozen, the tower is a fixed function of the text, so `embed` computes each
+The teachers' text tower and the RAG retriever's text embedding. Frozen, the tower is a fixed function of the text, so `embed` computes each
 distinct text once and reuses it: across folds of the cross-fitting, across
 epochs, and (with `cache_dir`) across runs. Re-running MiniLM every epoch on
 2 CPU cores would be most of the teacher stage's cost.

