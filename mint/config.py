@@ -8,7 +8,9 @@ Code holds the wiring, these hold the knobs; numbers live in conf/.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,6 +56,38 @@ class PromptTruncation(StrEnum):
     keep_start = "keep_start"
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric config value (None: no limit on that side)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def __str__(self) -> str:
+        ops = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+        return " and ".join(f"{op} {v:g}" for op, v in ops if v is not None)
+
+
+def bounded(default: Any = MISSING, **limits: float) -> Any:
+    """A schema field whose value `check_config` keeps within `limits` (gt, ge, lt, le)."""
+    return field(default=default, metadata={"bounds": Bounds(**limits)})
+
+
+def chosen_from(default: Any, *choices: str) -> Any:
+    """A string schema field whose value `check_config` keeps among `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
 class OnError(StrEnum):
     strict = "strict"
     skip = "skip"
@@ -63,8 +97,8 @@ class OnError(StrEnum):
 class ExamplePrefsConfig:
     """The generated toy preference set of task=example (mint/data/example_prefs.py)."""
 
-    n: int = 400
-    seed: int = 0
+    n: int = bounded(400, ge=2)  # at least one row to train on and one to validate with
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -74,10 +108,10 @@ class CustomTaskConfig:
     name: str = "custom"
     prefs_path: str = MISSING
     on_error: OnError = OnError.strict
-    val_fraction: float = 0.1  # held out from prefs_path for the val/ metrics
-    max_samples: int | None = None  # keep the first N rows (debug)
-    max_length: int = 512  # prompt + answer, in tokens
-    max_prompt_length: int = 384
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # held out from prefs_path for the val/ metrics
+    max_samples: int | None = bounded(None, ge=1)  # keep the first N rows (debug)
+    max_length: int = bounded(512, ge=2)  # prompt + answer, in tokens
+    max_prompt_length: int = bounded(384, ge=1)  # < max_length
     prompt_truncation: PromptTruncation = PromptTruncation.keep_end
     # When set and prefs_path does not exist yet, the example set is generated there.
     example: ExamplePrefsConfig | None = None
@@ -86,7 +120,7 @@ class CustomTaskConfig:
 @dataclass
 class AnswerConfig:
     header: str = MISSING  # e.g. "POTENTIAL_DISEASES:"
-    n: int = MISSING  # names per answer: the teacher's top-k that become `chosen`
+    n: int = bounded(ge=1)  # names per answer: the teacher's top-k that become `chosen`
 
 
 @dataclass
@@ -97,21 +131,22 @@ class PromptConfig:
 
 @dataclass
 class PrefsConfig:
-    q: int = 10  # names in `rejected`
-    negatives: str = "bottom"  # bottom: the teacher's least likely (the paper); hard: ranks k+1..k+q
+    q: int = bounded(10, ge=1)  # names in `rejected`
+    # bottom: the teacher's least likely (the paper); hard: ranks k+1..k+q
+    negatives: str = chosen_from("bottom", "bottom", "hard")
     force_truth: bool = False  # put the true label into `chosen` when the teacher missed it
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 512
+    max_new_tokens: int = bounded(512, ge=1)
     do_sample: bool = False  # greedy by default: same seed, same answers
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    batch_size: int = 16
-    max_samples: int | None = None  # evaluate the first N samples of each evaluated split (debug)
-    n_boot: int = 1000  # bootstrap resamples for the 95% CIs
+    temperature: float = bounded(1.0, gt=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    top_k: int = bounded(50, ge=0)  # 0: no top-k filter
+    batch_size: int = bounded(16, ge=1)
+    max_samples: int | None = bounded(None, ge=1)  # evaluate the first N samples of each evaluated split
+    n_boot: int = bounded(1000, ge=1)  # bootstrap resamples for the 95% CIs
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:
     # what hyperparameter search optimises (the test split must never steer choices).
     on_val: bool = False
@@ -123,24 +158,25 @@ class PipelineTaskConfig:
 
     name: str = MISSING
     source: Any = MISSING  # `_target_` node returning a mint.data.task_data.TaskData
-    student_modality: str = "text"  # what the student sees: text (the note) or image (a Modality)
+    student_modality: str = "text"  # what the student sees: text (the note) or image (mint/student/kinds.py)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    max_samples: int | None = None  # train the student on the first N preference pairs (debug)
-    max_length: int = 1024
-    max_prompt_length: int = 768
+    max_samples: int | None = bounded(None, ge=1)  # train the student on the first N preference pairs
+    max_length: int = bounded(1024, ge=2)
+    max_prompt_length: int = bounded(768, ge=1)  # < max_length
     prompt_truncation: PromptTruncation = PromptTruncation.keep_end
 
 
 @dataclass
 class TeacherConfig:
     model: Any = MISSING  # `_partial_` node: called with the TaskData, returns the teacher LightningModule
-    folds: int = 5  # cross-fitting folds for out-of-fold training rankings (< 2: in-sample, debugging only)
-    batch_size: int = 64
-    patience: int = 5  # early stopping on validation top-k
-    fit_threads: int | None = 1  # torch threads while fitting; null keeps the process setting (GPUs)
+    # cross-fitting folds for out-of-fold training rankings (1: in-sample, debugging only)
+    folds: int = bounded(5, ge=1)
+    batch_size: int = bounded(64, ge=1)
+    patience: int = bounded(5, ge=1)  # early stopping on validation top-k
+    fit_threads: int | None = bounded(1, ge=1)  # torch threads while fitting; null keeps the process setting
     trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments for each fit
 
 
@@ -148,12 +184,12 @@ class TeacherConfig:
 class RagConfig:
     """optim=rag: retrieval over a knowledge base built from the training side (mint/rag/)."""
 
-    top_k: int = 3  # passages per prompt (the paper: 3)
-    text_cutoff: float = 0.5  # MiniLM cosine below which a passage is dropped (rare_disease)
-    image_cutoff: float = 0.8  # stain-statistics cosine below which a passage is dropped (tissue)
-    chunk_tokens: int = 64  # MiniLM tokens per chunk
-    chunk_overlap: int = 8
-    text_max_length: int = 256  # MiniLM's input length for passages and queries
+    top_k: int = bounded(3, ge=1)  # passages per prompt (the paper: 3)
+    text_cutoff: float = bounded(0.5, ge=-1, le=1)  # MiniLM cosine below which a passage is dropped
+    image_cutoff: float = bounded(0.8, ge=-1, le=1)  # stain-statistics cosine cutoff (tissue)
+    chunk_tokens: int = bounded(64, ge=1)  # MiniLM tokens per chunk
+    chunk_overlap: int = bounded(8, ge=0)  # < chunk_tokens
+    text_max_length: int = bounded(256, ge=3)  # MiniLM's input length ([CLS] + a token + [SEP])
     template: str = MISSING  # str.format with {passages} and {user}: the augmented user turn
 
 
@@ -162,17 +198,17 @@ class OptimConfig:
     """The alignment method and its optimisation settings."""
 
     method: Method = MISSING
-    beta: float = 0.1  # ORPO lambda / DPO beta
-    rpo_alpha: float | None = None  # DPO only: weight of an NLL term on the chosen answer
+    beta: float = bounded(0.1, gt=0)  # ORPO lambda / DPO beta: <= 0 would optimise the wrong way
+    rpo_alpha: float | None = bounded(None, ge=0)  # DPO only: weight of an NLL term on the chosen answer
     # DPO only: first train SFT on the same prompts (chosen as target; cached) and start DPO,
     # and its reference, from that adapter, as the paper does. Ignored with student.adapter_path.
     init_from_sft: bool = False
     sft_on_prompt: bool = False  # NLL over prompt+chosen (TRL's ORPO) instead of chosen only
     packed: bool = True  # one [prompt, chosen, rejected] row per pair (mint/pairs/packed.py); false: two
 
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    warmup_ratio: float = 0.1
+    batch_size: int = bounded(8, ge=1)
+    eval_batch_size: int = bounded(16, ge=1)
+    warmup_ratio: float = bounded(0.1, ge=0, lt=1)
     optimizer: Any = MISSING  # `_target_` node, `_partial_: true` (params come from the model)
     scheduler: Any = None  # `_target_` node, `_partial_: true`, called with warmup/total steps
     rag: RagConfig | None = None  # optim=rag only
@@ -187,14 +223,16 @@ class StudentConfig:
     name_or_path: str | None = None  # HF id or local folder; null = build with `build`
     build: Any = None  # `_partial_` node making a model on the spot (tiny students)
     gguf_file: str | None = None
-    dtype: str = "float32"
+    dtype: str = chosen_from("float32", "float32", "bfloat16", "float16")
     quantization: Any = None  # `_target_: transformers.BitsAndBytesConfig` node, see conf/quant/
     lora: Any = None  # `_target_: peft.LoraConfig` node; null = no adapter
     adapter_path: str | None = None  # start from a saved PEFT adapter
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    learning_rate: float = 5e-5  # what suits this student; optim.optimizer.lr reads it
+    attn_implementation: str = chosen_from(
+        "sdpa", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
+    )
+    learning_rate: float = bounded(5e-5, gt=0)  # what suits this student; optim.optimizer.lr reads it
 
 
 @dataclass
@@ -205,17 +243,17 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: Any = "auto"
-    num_nodes: int = 1
+    num_nodes: int = bounded(1, ge=1)
     precision: Any = "32-true"
-    max_steps: int = 300
-    max_epochs: int | None = None
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
+    max_steps: int = bounded(300, ge=-1)  # -1: no step limit (max_epochs decides)
+    max_epochs: int | None = bounded(None, ge=-1)
+    gradient_clip_val: float | None = bounded(1.0, gt=0)
+    accumulate_grad_batches: int = bounded(1, ge=1)
+    log_every_n_steps: int = bounded(10, ge=1)
     val_check_interval: Any = None
-    check_val_every_n_epoch: int | None = 1
+    check_val_every_n_epoch: int | None = bounded(1, ge=1)
     limit_val_batches: Any = 1.0
-    num_sanity_val_steps: int = 0
+    num_sanity_val_steps: int = bounded(0, ge=-1)
     deterministic: Any = True
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
@@ -239,7 +277,7 @@ class MintConfig:
     logger: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = MISSING
-    seed: int = 42
+    seed: int = bounded(42, ge=0)
     stage: Stage = Stage.all
     run_name: str = MISSING
     ckpt_path: str | None = None  # resume training from this Lightning checkpoint
@@ -248,6 +286,82 @@ class MintConfig:
     resume: bool = False
     # The results key main() returns: what a Hydra sweeper (hparams_search=...) optimises.
     objective: str = "val/rewards/accuracies"
+
+
+class ConfigError(ValueError):
+    """A config value outside what its key allows; the message names the key, the value and the range."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every bounded or enumerated value of the composed config, and the rules between keys.
+
+    Hydra has already refused misspelt keys and wrong types; this refuses values no run can use
+    (a negative beta trains the wrong way, a zero batch size fails deep inside torch), before any
+    stage runs. All problems are reported at once.
+    """
+    problems = [
+        f"{key}={value!r}: expected {allowed}"
+        for key, value, allowed in _field_problems(cfg, "", MintConfig) + _rule_problems(cfg)
+    ]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _field_problems(cfg: DictConfig, prefix: str, schema: type) -> list[tuple[str, Any, str]]:
+    """(key, value, allowed) for each field of `schema` at `prefix` whose value breaks its metadata."""
+    problems = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None or value == MISSING:  # unset optional values and `???` are Hydra's to refuse
+            continue
+        nested = _schema_of(hints[f.name], value)
+        if nested is not None:
+            problems += _field_problems(cfg, f"{key}.", nested)
+        elif "bounds" in f.metadata and not f.metadata["bounds"].contains(value):
+            problems.append((key, value, str(f.metadata["bounds"])))
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            problems.append((key, value, f"one of {list(f.metadata['choices'])}"))
+    return problems
+
+
+def _schema_of(hint: Any, value: Any) -> type | None:
+    """The dataclass schema a field's value follows, if any (`task` is one of two, by content)."""
+    if hint is Any and isinstance(value, DictConfig) and "prefs_path" in value:
+        return CustomTaskConfig
+    if hint is Any and isinstance(value, DictConfig) and "source" in value and "answer" in value:
+        return PipelineTaskConfig
+    candidates = [hint, *typing.get_args(hint)]
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def _rule_problems(cfg: DictConfig) -> list[tuple[str, Any, str]]:
+    """Ranges that depend on another key, and the values inside `_target_` nodes MINT relies on."""
+    problems = []
+    task = cfg.task
+    if task.max_prompt_length >= task.max_length:
+        problems.append(
+            ("task.max_prompt_length", task.max_prompt_length, f"< task.max_length ({task.max_length})")
+        )
+    rag = cfg.optim.get("rag")
+    if rag is not None and rag.chunk_overlap >= rag.chunk_tokens:
+        problems.append(
+            ("optim.rag.chunk_overlap", rag.chunk_overlap, f"< optim.rag.chunk_tokens ({rag.chunk_tokens})")
+        )
+    lora = cfg.student.get("lora")
+    if lora is not None:
+        for name, bounds in (
+            ("r", Bounds(ge=1)),
+            ("lora_alpha", Bounds(gt=0)),
+            ("lora_dropout", Bounds(ge=0, lt=1)),
+        ):
+            if lora.get(name) is not None and not bounds.contains(lora[name]):
+                problems.append((f"student.lora.{name}", lora[name], str(bounds)))
+    optimizer = cfg.optim.get("optimizer")
+    if optimizer is not None and optimizer.get("lr") is not None and not optimizer.lr > 0:
+        problems.append(("optim.optimizer.lr", optimizer.lr, "> 0"))
+    return problems
 
 
 def plain(node: Any) -> Any:

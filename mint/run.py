@@ -9,6 +9,8 @@ only composes them. Every run writes results.json and results.md.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from mint.config import Method, Stage, register_configs
+from mint.config import Method, Stage, check_config, register_configs
+from mint.errors import report
 from mint.leakage import check_task_splits
 from mint.report import headline, markdown_table, scrub_job_start, write_metrics, write_results
 from mint.stages.evaluate import eval_stage
 from mint.stages.prefs import custom_rows, prefs_stage
-from mint.stages.student import fit_student, sft_start, student_job
+from mint.stages.student import check_rows, fit_student, sft_start, student_job
 from mint.stages.teacher import is_pipeline_task, load_task, teacher_stage
 from mint.stages.trainer import build_loggers, close_loggers, is_global_zero, log_final
 from mint.student.kinds import student_kind
@@ -32,6 +35,7 @@ register_configs()
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the configured stages and returns the flat results dict (also in results.json)."""
+    check_config(cfg)  # every value in range before any work (mint/config.py)
     kind = student_kind(  # before any work: can the student read what the task gives it?
         task_name=cfg.task.name,
         task_modality=cfg.task.get("student_modality", "text"),
@@ -65,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows = custom_rows(cfg.task, cfg.seed)
 
     if stage in (Stage.all, Stage.student):
+        check_rows(rows, batch_size=cfg.optim.batch_size, objective=cfg.objective)
         job = student_job(cfg, kind)
         if job.starts_from_sft:  # the paper's DPO: SFT first (cached), then DPO from its adapter
             job = job.starting_from(sft_start(job, rows, run_dir))
@@ -118,8 +123,13 @@ def objective_value(results: dict[str, Any], objective: str, stage: Stage) -> fl
 def main(cfg: DictConfig) -> float | None:
     # Hydra has written .hydra/ already: a secret typed on the command line must not stay there.
     scrub_job_start(Path(cfg.paths.output_dir))
-    check_objective_will_exist(cfg)  # before hours of training, not after
-    results = run(cfg)
+    try:
+        check_objective_will_exist(cfg)  # before hours of training, not after
+        results = run(cfg)
+    except Exception as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(report(err))  # one line on the terminal, the traceback in the run's log (mint/errors.py)
     if not is_global_zero():
         return None  # an extra DDP process: rank 0 reports
     # Hydra sweepers (e.g. hparams_search=orpo_optuna) optimise what main returns.

@@ -30,9 +30,12 @@ from omegaconf import open_dict
 import mint.stages.student
 import mint.student.load as load_module
 from mint.cache import cached, config_key, verify
-from mint.config import Modality
+from mint.config import ConfigError, Modality
 from mint.data.task_data import Sample, TaskData
+from mint.errors import exit_status
+from mint.leakage import LeakageError
 from mint.optim.module import PreferenceModule
+from mint.pairs.rows import read_preference_rows
 from mint.report import REDACTED, scrub, secret_values
 from mint.resume import comparable_config, find_resume_checkpoint, start_checkpoint
 from mint.run import run
@@ -202,7 +205,7 @@ def test_unknown_task_name_is_named():
 
 def test_a_vision_student_on_the_text_task_stops_before_any_work(make_cfg):
     """(The reverse, a text student on the image task, is in tests/test_pipeline.py; from the
-    command line Hydra turns the error into exit status 1.)"""
+    command line it is one line, `mint: error: ...`, and exit status 2.)"""
     cfg = make_cfg(*SMOKE, "student=tiny_mllama")
     with pytest.raises(ValueError, match="student=tiny_mllama is an image model.*student=tiny_llama"):
         run(cfg)
@@ -418,3 +421,100 @@ def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(ma
     assert last["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert not (run_dir / "results.json").exists()
+
+
+# --- data too small, tasks that cannot serve the run, files that are not UTF-8 JSON lines -------
+def _row(i: int) -> dict:
+    prompt = [{"role": "user", "content": f"Patient {i}: tall, seizures. Which condition?"}]
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    return {"prompt": prompt, "chosen": answer("Velmora syndrome"), "rejected": answer("Ostrand disease")}
+
+
+def _prefs_file(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps(_row(i)) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows,extra,message",
+    [
+        (
+            1,
+            ("optim.batch_size=1",),
+            r"no validation pairs \(1 training pairs\), but objective=val/rewards/accuracies",
+        ),
+        (5, ("optim.batch_size=8",), r"4 training pairs, fewer than one batch \(optim.batch_size=8\)"),
+    ],
+)
+def test_preference_data_too_small_is_refused_before_training(make_cfg, tmp_path, rows, extra, message):
+    path = _prefs_file(tmp_path / "prefs.jsonl", rows)
+    cfg = make_cfg("task=custom", f"task.prefs_path={path}", "debug=smoke", *extra)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert not (run_dir / "results.json").exists() and not (run_dir / "student").exists()
+
+
+def empty_test_split() -> TaskData:
+    """A task source whose test split is empty."""
+    train = [Sample(f"t{i}", i % 2, text=f"note {i}") for i in range(8)]
+    val = [Sample(f"v{i}", i % 2, text=f"val note {i}") for i in range(2)]
+    return TaskData("rare_disease", ["A", "B"], {"train": train, "val": val, "test": []})
+
+
+def test_a_task_that_cannot_serve_the_run_is_refused_before_the_teacher(make_cfg, tmp_path):
+    cfg = make_cfg("task=rare_disease", "debug=smoke", output_dir=tmp_path / "run")
+    cfg.task.source = {"_target_": f"{__name__}.empty_test_split"}
+    with pytest.raises(
+        ValueError,
+        match=r"the test split\(s\) of task.source are empty \(\{'train': 8, 'val': 2, 'test': 0\}\)",
+    ):
+        run(cfg)
+    # 10 names + 20 negatives + the truth do not fit in the smoke panel's 24 diseases
+    cfg = make_cfg("task=rare_disease", "debug=smoke", "task.prefs.q=20", output_dir=tmp_path / "run")
+    with pytest.raises(
+        ValueError,
+        match=r"task.answer.n=10 \+ task.prefs.q=20 \+ 1 \(the truth\) = 31 names, but task=rare_disease has 24 labels",
+    ):
+        run(cfg)
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_files_that_are_not_utf8_json_lines_are_refused_naming_the_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        (json.dumps(_row(0)) + "\n").encode()
+        + json.dumps(_row(1)).replace("tall", "gro\xdf").encode("latin-1")
+    )
+    for on_error in ("strict", "skip"):  # the whole file is the wrong one: never skipped line by line
+        with pytest.raises(ValueError, match=rf"{latin1}: line 2, column \d+: not UTF-8 text \(byte 0xdf\)"):
+            read_preference_rows(latin1, on_error=on_error)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"PK\x03\x04\x00\x00 a zip file, renamed")
+    with pytest.raises(ValueError, match=rf"{binary}: line 1: a NUL byte: this looks like a binary file"):
+        read_preference_rows(binary)
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(_row(0)) + "\n").encode())
+    assert read_preference_rows(with_bom)[0]["chosen"][0]["content"] == "Velmora syndrome"
+
+
+def test_a_config_error_from_the_command_line_is_one_line_and_exit_status_2(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _mint(
+        ["task=example", "optim.beta=-1", f"hydra.run.dir={run_dir}"], _env(), tmp_path / "out.txt"
+    )
+    assert process.wait(timeout=300) == 2
+    printed = (tmp_path / "out.txt").read_text()
+    assert "mint: error: optim.beta=-1.0: expected > 0" in printed
+    assert f"the traceback is in {run_dir / 'run.log'}" in printed
+    assert "Traceback" not in printed and "HYDRA_FULL_ERROR=1 for" not in printed
+    assert "Traceback" in (run_dir / "run.log").read_text()
+    assert not (run_dir / "results.json").exists()
+
+
+def test_exit_status_tells_input_errors_from_failures_of_the_work():
+    assert exit_status(ConfigError("optim.beta=-1.0: expected > 0")) == 2
+    assert exit_status(FileNotFoundError("task.prefs_path='x' does not exist")) == 2
+    assert exit_status(LeakageError("preference dataset contains 1 test sample(s)")) == 2
+    assert exit_status(FloatingPointError("non-finite training loss")) == 1
+    assert exit_status(RuntimeError("CUDA out of memory")) == 1

@@ -169,6 +169,20 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
     )
 
 
+def check_rows(rows: Rows, *, batch_size: int, objective: str) -> None:
+    """Refuse, before training, preference data too small for the run (counts and setting named)."""
+    if len(rows.train) < batch_size:
+        raise ValueError(
+            f"{len(rows.train)} training pairs, fewer than one batch (optim.batch_size={batch_size}): "
+            "lower optim.batch_size or add pairs"
+        )
+    if not rows.val and objective.startswith("val/"):
+        raise ValueError(
+            f"no validation pairs ({len(rows.train)} training pairs), but objective={objective} is "
+            "measured on them: add pairs, raise task.val_fraction, or set objective= to another key"
+        )
+
+
 def rows_digest(rows: list[dict]) -> str:
     """sha256 of preference rows as the student sees them (an image row's pixels included)."""
     digest = hashlib.sha256()

@@ -26,9 +26,24 @@ def is_pipeline_task(task: DictConfig) -> bool:
 
 
 def load_task(task: DictConfig) -> TaskData:
+    """The task's data, refused before any training when it cannot serve the run: an empty split,
+    or fewer labels than an answer, its negatives and the truth need."""
     data = instantiate(task.source, _convert_="all")
     if not isinstance(data, TaskData):
         raise TypeError(f"task.source ({task.source._target_}) returned {type(data).__name__}, not TaskData")
+    counts = {split: len(samples) for split, samples in data.splits.items()}
+    empty = [split for split, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(
+            f"task={task.name}: the {' and '.join(empty)} split(s) of task.source are empty ({counts}); "
+            "the teacher needs train and val samples and the evaluation test samples"
+        )
+    needed = task.answer.n + task.prefs.q + 1  # the truth is never a negative
+    if needed > len(data.labels):
+        raise ValueError(
+            f"task.answer.n={task.answer.n} + task.prefs.q={task.prefs.q} + 1 (the truth) = {needed} names, "
+            f"but task={task.name} has {len(data.labels)} labels: lower task.prefs.q or task.answer.n"
+        )
     return data
 
 

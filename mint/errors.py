@@ -1,0 +1,42 @@
+"""How a failed run reaches the user: one line on the terminal, the traceback in the run's log.
+
+Exit status 2 for config and input errors (a value out of range, a missing or malformed file,
+data too small, a held-out sample in the training data: the command or its inputs must change),
+1 for a failure during the work (a non-finite loss, an error inside torch). `HYDRA_FULL_ERROR=1`
+shows the whole traceback on the terminal as Hydra does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mint.leakage import LeakageError
+
+# What MINT raises when the command or its inputs are wrong (ValueError covers ConfigError and
+# the data checks; LookupError a missing key; OSError a missing or unreadable file).
+INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, LeakageError)
+
+
+def exit_status(err: BaseException) -> int:
+    # FloatingPointError is an ArithmeticError, not a ValueError: a non-finite loss is a failure of the work.
+    return 2 if isinstance(err, INPUT_ERRORS) else 1
+
+
+def report(err: BaseException) -> int:
+    """Write the traceback to the run's log files, print `mint: error: <cause>` and where the
+    traceback is; return the exit status."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = logging.LogRecord(
+        "mint", logging.ERROR, __file__, 0, "the run failed", None, (type(err), err, err.__traceback__)
+    )
+    for handler in files:  # not the console handler: the terminal gets one line
+        handler.handle(record)
+    cause = str(err) or type(err).__name__
+    print(f"mint: error: {cause}", file=sys.stderr)
+    if files:
+        print(
+            f"mint: the traceback is in {files[0].baseFilename} (HYDRA_FULL_ERROR=1 prints it here)",
+            file=sys.stderr,
+        )
+    return exit_status(err)
