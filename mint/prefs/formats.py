@@ -66,8 +66,11 @@ class AnswerFormat:
 
     def parse(self, text: str, labels: list[str], threshold: float = 0.8) -> ParsedAnswer:
         """Reads the list after the header (or the first list in the text when the header is missing)."""
-        has_header = self.header.lower() in text.lower()
-        body = text[text.lower().index(self.header.lower()) + len(self.header) :] if has_header else text
+        # Found in the text itself, not in text.lower(): lower-casing can change a string's length
+        # ("İ" becomes two characters), and an index into the lowered text would then be off.
+        header = re.search(re.escape(self.header), text, flags=re.IGNORECASE)
+        has_header = header is not None
+        body = text[header.end() :] if header is not None else text
         items: list[str] = []
         for line in body.splitlines():
             found = _ITEM.match(line)
