@@ -6,16 +6,18 @@ the config it was made from, and a sha256 per file). Entries are built in a
 temp folder beside their final place and renamed into it, so a killed run
 leaves no partial entry; on read the manifest is checked, so a damaged entry is
 rebuilt instead of used. A sweep over methods therefore trains one teacher and
-builds one preference set.
+builds one preference set, also when its jobs run in parallel (a lock file per entry).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +56,49 @@ def verify(entry: Path) -> bool:
 
 
 def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) -> Path:
-    """The cache entry of `stage` for `config`, made with `make(folder)` unless a valid one exists."""
+    """The cache entry of `stage` for `config`, made with `make(folder)` unless a valid one exists.
+
+    Processes that want the same entry at the same moment (the jobs of a parallel sweep) take
+    turns on a lock file beside it: one builds, the others wait and then read its entry.
+    """
     key = config_key(config)
     entry = Path(root) / stage / key
-    if entry.is_dir():
-        if verify(entry):
-            log.info("%s: reusing %s", stage, entry)
-            return entry
-        log.warning("%s: cache entry %s fails its manifest check; rebuilding it", stage, entry)
-        shutil.rmtree(entry)
+    if entry.is_dir() and verify(entry):
+        log.info("%s: reusing %s", stage, entry)
+        return entry
+    locks = Path(root) / ".locks"  # apart from the entries: a lock file outlives its build
+    locks.mkdir(parents=True, exist_ok=True)
+    with _exclusive(locks / f"{stage}-{key}.lock", f"{stage} {key}"):
+        if entry.is_dir():
+            if verify(entry):  # built by the process that held the lock before us
+                log.info("%s: reusing %s", stage, entry)
+                return entry
+            log.warning("%s: cache entry %s fails its manifest check; rebuilding it", stage, entry)
+            shutil.rmtree(entry)
 
-    def make_with_manifest(folder: Path) -> None:
-        make(folder)
-        manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(folder)}
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        def make_with_manifest(folder: Path) -> None:
+            make(folder)
+            manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(folder)}
+            (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
-    # Another process may finish the same entry first; a verified one is as good as ours.
-    build_atomically(entry, make_with_manifest, complete=verify)
+        # Another process (one not using this lock, e.g. on a file system without locks) may still
+        # finish the same entry first; a verified one is as good as ours.
+        build_atomically(entry, make_with_manifest, complete=verify)
     log.info("%s: built %s", stage, entry)
     return entry
+
+
+@contextmanager
+def _exclusive(path: Path, what: str) -> Iterator[None]:
+    """An exclusive `flock` on `path` for the duration. The kernel releases it when its process
+    dies, so a killed build never leaves a lock that blocks the next run (the file stays, unlocked)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is building it; waiting", what)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

