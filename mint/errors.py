@@ -2,7 +2,8 @@
 
 Exit status 2 for config and input errors (a value out of range, a missing or malformed file,
 data too small, a held-out sample in the training data: the command or its inputs must change),
-1 for a failure during the work (a non-finite loss, an error inside torch). `HYDRA_FULL_ERROR=1`
+1 for a failure during the work (a non-finite loss, an error inside torch), 143 for a run stopped
+by SIGTERM after writing its checkpoint (`resume=true` continues it). `HYDRA_FULL_ERROR=1`
 shows the whole traceback on the terminal as Hydra does.
 """
 
@@ -12,13 +13,21 @@ import logging
 import sys
 
 from mint.leakage import LeakageError
+from mint.stages.trainer import Preempted
 
 # What MINT raises when the command or its inputs are wrong (ValueError covers ConfigError and
 # the data checks; LookupError a missing key; OSError a missing or unreadable file).
 INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, LeakageError)
 
 
+# A run stopped by SIGTERM after its checkpoint: what a shell reports for a process ended by
+# SIGTERM (128 + 15), so schedulers and scripts see that it did not finish.
+PREEMPTED = 143
+
+
 def exit_status(err: BaseException) -> int:
+    if isinstance(err, Preempted):
+        return PREEMPTED
     # FloatingPointError is an ArithmeticError, not a ValueError: a non-finite loss is a failure of the work.
     return 2 if isinstance(err, INPUT_ERRORS) else 1
 

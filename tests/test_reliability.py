@@ -89,6 +89,22 @@ class StallOnce(L.Callback):
             time.sleep(600)
 
 
+class StallUntilSigterm(L.Callback):
+    """Test helper: the first run waits at `at_step` until a SIGTERM has arrived, then goes on
+    (time.sleep would resume after the signal handler, so it polls); a rerun passes through."""
+
+    def __init__(self, at_step: int, marker: str) -> None:
+        self.at_step = at_step
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            deadline = time.time() + 600
+            while not trainer.received_sigterm and time.time() < deadline:
+                time.sleep(0.05)
+
+
 class Notify(L.Callback):
     """Test helper: a callback configured with a token, as a chat-notification callback would be."""
 
@@ -421,6 +437,52 @@ def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(ma
     assert last["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert not (run_dir / "results.json").exists()
+
+
+def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_an_uninterrupted_run(
+    make_cfg, tmp_path, shared_cache
+):
+    """SIGTERM (SLURM's warning before preemption) during step 10 of 12: the run writes last.ckpt
+    after that step and exits with status 143, no results.json; resume=true finishes from it."""
+    run_dir, marker = tmp_path / "run", tmp_path / "waiting"
+    args = [
+        *SMOKE,
+        "optim=orpo",
+        "logger=csv",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={shared_cache}",
+        "+callbacks.stall._target_=tests.test_reliability.StallUntilSigterm",
+        "+callbacks.stall.at_step=10",
+        f"+callbacks.stall.marker={marker}",
+    ]
+    proc = _mint(args, _env(), tmp_path / "first.log")
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "the run never reached step 10"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    printed = (tmp_path / "first.log").read_text()
+    assert proc.returncode == 143, printed[-3000:]
+    last = run_dir / "student" / "checkpoints" / "last.ckpt"
+    assert f"mint: error: SIGTERM: stopped after step 11, checkpoint {last}" in printed
+    assert torch.load(last, weights_only=True)["global_step"] == 11  # the step in progress, finished
+    assert not (run_dir / "results.json").exists()
+
+    rerun = _mint([*args, "resume=true"], _env(), tmp_path / "rerun.log")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    resumed = json.loads((run_dir / "results.json").read_text())
+    full = run(make_cfg(*SMOKE, "optim=orpo", output_dir=tmp_path / "full"))
+    assert resumed["train/steps"] == full["train/steps"] == 12
+    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
+    assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
 
 
 # --- data too small, tasks that cannot serve the run, files that are not UTF-8 JSON lines -------

@@ -82,7 +82,37 @@ def build_callbacks(
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not training:  # nothing to checkpoint
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    callbacks += [CheckpointOnSigterm(c) for c in callbacks if isinstance(c, ModelCheckpoint)][:1]
     return callbacks
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint: rerun with resume=true to continue."""
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what SLURM sends before it preempts or times out a job) write `last.ckpt` after
+    the step in progress and stop the run, so `resume=true` continues from that step.
+
+    Lightning's own SIGTERM handler only records the signal (`trainer.received_sigterm`) and stops
+    at the end of the epoch, without a checkpoint; this acts at the next batch.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.received_sigterm:
+            return
+        path = (
+            Path(self.checkpoint.dirpath)
+            / f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}"
+        )
+        trainer.save_checkpoint(path)
+        raise Preempted(
+            f"SIGTERM: stopped after step {trainer.global_step}, checkpoint {path}; "
+            "rerun the same command with resume=true to continue"
+        )
 
 
 def build_trainer(node: DictConfig, *, loggers: list, callbacks: list, root_dir: Path) -> L.Trainer:
