@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finally:
             close_loggers(loggers)
 
+    objective_value(results, cfg.objective, stage)  # a missing objective fails before results.json exists
     flat = write_results(run_dir, results, title=f"MINT run {cfg.run_name}")
     log.info("results in %s\n%s", run_dir, markdown_table(headline(flat)))
     return flat
@@ -104,6 +105,11 @@ def check_objective_will_exist(cfg: DictConfig) -> None:
         raise ValueError(
             f"objective={cfg.objective} is measured only with task.eval.on_val=true "
             "(the validation split answered and scored); add it, or pick another objective"
+        )
+    if not is_pipeline_task(cfg.task) and cfg.objective.startswith(("test/", "teacher/", "prefs/", "rag/")):
+        raise ValueError(
+            f"objective={cfg.objective}: task={cfg.task.name} has no teacher and no test split, so only "
+            "the student's train/ and val/ metrics exist; pick one of those"
         )
 
 

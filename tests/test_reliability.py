@@ -517,6 +517,19 @@ def test_preference_data_too_small_is_refused_before_training(make_cfg, tmp_path
     assert not (run_dir / "results.json").exists() and not (run_dir / "student").exists()
 
 
+def test_an_objective_the_run_cannot_measure_is_refused_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _mint(
+        ["task=example", "objective=test/top1", f"hydra.run.dir={run_dir}"], _env(), tmp_path / "out"
+    )
+    assert process.wait(timeout=300) == 2
+    assert (
+        "mint: error: objective=test/top1: task=example has no teacher and no test split"
+        in (tmp_path / "out").read_text()
+    )
+    assert not (run_dir / "results.json").exists() and not (run_dir / "student").exists()
+
+
 def empty_test_split() -> TaskData:
     """A task source whose test split is empty."""
     train = [Sample(f"t{i}", i % 2, text=f"note {i}") for i in range(8)]
