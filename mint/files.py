@@ -79,6 +79,24 @@ def build_atomically(
     return target
 
 
+def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """`data` (read from `path`, starting at line `first_line`) as text. Binary data (a NUL byte)
+    and bytes that are not UTF-8 are refused with the file, line and column named; a byte-order
+    mark at the start of the file is dropped."""
+    if b"\0" in data:
+        line = first_line + data[: data.index(b"\0")].count(b"\n")
+        raise ValueError(f"{path}: line {line}: a NUL byte: this looks like a binary file, not text")
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = first_line + data[: err.start].count(b"\n")
+        raise ValueError(
+            f"{path}: line {line}, column {err.start - line_start + 1}: not UTF-8 text "
+            f"(byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def package_dir(package: str) -> Path:
     """Folder of the installed package `package` (its import name), found without importing it.
 

@@ -192,6 +192,15 @@ def _rewrite_csv(root: Path, edit) -> None:
         writer.writerows(rows)
 
 
+def _latin1_on_line_3(root: Path) -> None:
+    """A metadata.csv saved in Latin-1 with an accented disease name on its third line."""
+    lines = (root / "metadata.csv").read_text().splitlines(keepends=True)
+    lines[2] = (
+        lines[2].replace("syndrome", "syndr\xf4me", 1) if "syndrome" in lines[2] else lines[2][:-1] + "\xe9\n"
+    )
+    (root / "metadata.csv").write_bytes("".join(lines).encode("latin-1"))
+
+
 def _drop_column(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "sex"} for row in rows]
 
@@ -213,6 +222,7 @@ def _bad_split(rows: list[dict[str, str]]) -> list[dict[str, str]]:
         (lambda root: _rewrite_csv(root, _empty_disease), "line 4: empty disease"),
         (lambda root: _rewrite_csv(root, _bad_split), "split 'holdout'"),
         (lambda root: (root / "images" / "img00.jpg").unlink(), "no image for image_id 'img00'"),
+        (lambda root: _latin1_on_line_3(root), "metadata.csv: line 3, column"),
         (
             lambda root: (root / "images" / "img01.png").write_bytes(b"not a png"),
             "img01.png: not a decodable",

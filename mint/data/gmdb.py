@@ -25,12 +25,14 @@ GMDB photos are face crops, so the resize does not preserve aspect ratio.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mint.data.task_data import SPLITS, Sample, TaskData, stratified_split
+from mint.files import decode_utf8
 
 REQUIRED_COLUMNS = ("image_id", "disease", "clinical_text", "age", "sex")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -45,7 +47,11 @@ class GMDBFormatError(ValueError):
 
 
 def _read_rows(csv_path: Path) -> tuple[list[dict[str, str]], bool]:
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    try:
+        text = decode_utf8(csv_path, csv_path.read_bytes())  # names the line of a byte that is not UTF-8
+    except ValueError as err:
+        raise GMDBFormatError(str(err)) from None
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]

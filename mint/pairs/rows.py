@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mint.files import decode_utf8
+
 log = logging.getLogger("mint.pairs")
 
 ROLES = ("system", "user", "assistant")
@@ -92,7 +94,9 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_file() and path.suffix == ".jsonl":
         with path.open("rb") as f:
             for number, raw in enumerate(f, start=1):
-                line = _decoded(path, number, raw)
+                # A file that is binary or not UTF-8 is refused whole, whatever `on_error` says:
+                # skipping its lines would hide that the file itself is the wrong one.
+                line = decode_utf8(path, raw, first_line=number)
                 if not line.strip():  # a trailing newline or spacer line is not a row
                     continue
                 try:
@@ -112,20 +116,6 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
     else:
         found = "found neither" if path.exists() else "the path does not exist"
         raise ValueError(f"{path}: expected {ACCEPTED_FORMS}; {found}")
-
-
-def _decoded(path: Path, number: int, raw: bytes) -> str:
-    """One line as text. A file that is binary or not UTF-8 is refused whole, whatever `on_error`
-    says: skipping its lines would hide that the file itself is the wrong one."""
-    if b"\0" in raw:
-        raise ValueError(f"{path}: line {number}: a NUL byte: this looks like a binary file, not JSON lines")
-    try:
-        return raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is no content
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path}: line {number}, column {err.start + 1}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
-            "save the file as UTF-8"
-        ) from None
 
 
 def _validate_row(row: Any) -> dict:
