@@ -50,7 +50,7 @@ def _read_rows(csv_path: Path) -> tuple[list[dict[str, str]], bool]:
     try:
         text = decode_utf8(csv_path, csv_path.read_bytes())  # names the line of a byte that is not UTF-8
     except ValueError as err:
-        raise GMDBFormatError(str(err)) from None
+        raise GMDBFormatError(f"{err}. {LAYOUT}") from None
     with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
