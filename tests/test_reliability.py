@@ -113,6 +113,24 @@ class Notify(L.Callback):
         self.channel = channel
 
 
+def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, stall: str, marker: Path) -> list[str]:
+    """The command line of a 12-step ORPO run (checkpoints every 4 steps) that the callback `stall`
+    holds at step 10; the cache is the session's, where the in-process reference run finds its student."""
+    return [
+        *SMOKE,
+        "optim=orpo",
+        "logger=csv",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.log_dir={log_dir}",
+        f"paths.cache_dir={cache}",
+        f"+callbacks.stall._target_=tests.test_reliability.{stall}",
+        "+callbacks.stall.at_step=10",
+        f"+callbacks.stall.marker={marker}",
+    ]
+
+
 # --- 1. kill -9 during student training, then resume=true ----------------------------
 def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     make_cfg, tmp_path, shared_cache
@@ -123,19 +141,7 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     another torch thread count), val/rewards/accuracies and the step count exact.
     """
     run_dir, marker = tmp_path / "run", tmp_path / "stalled"
-    args = [
-        *SMOKE,
-        "optim=orpo",
-        "logger=csv",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
-        "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run_dir}",
-        f"paths.log_dir={tmp_path}",
-        f"paths.cache_dir={shared_cache}",  # the tiny student of the reference run below
-        "+callbacks.stall._target_=tests.test_reliability.StallOnce",
-        "+callbacks.stall.at_step=10",
-        f"+callbacks.stall.marker={marker}",
-    ]
+    args = _stalling_run(run_dir, tmp_path, shared_cache, "StallOnce", marker)
     first_log = tmp_path / "first.log"
     proc = _mint(args, _env(), first_log)
     try:
@@ -445,19 +451,7 @@ def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_a
     """SIGTERM (SLURM's warning before preemption) during step 10 of 12: the run writes last.ckpt
     after that step and exits with status 143, no results.json; resume=true finishes from it."""
     run_dir, marker = tmp_path / "run", tmp_path / "waiting"
-    args = [
-        *SMOKE,
-        "optim=orpo",
-        "logger=csv",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
-        "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run_dir}",
-        f"paths.log_dir={tmp_path}",
-        f"paths.cache_dir={shared_cache}",
-        "+callbacks.stall._target_=tests.test_reliability.StallUntilSigterm",
-        "+callbacks.stall.at_step=10",
-        f"+callbacks.stall.marker={marker}",
-    ]
+    args = _stalling_run(run_dir, tmp_path, shared_cache, "StallUntilSigterm", marker)
     proc = _mint(args, _env(), tmp_path / "first.log")
     try:
         deadline = time.time() + 240
