@@ -194,6 +194,9 @@ class StudentConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # LoRA on the top N decoder layers only, trained on cached states of the frozen layers below
+    # (mint/optim/trunk.py); null: all layers. Text students only.
+    train_top_layers: int | None = None
     learning_rate: float = 5e-5  # what suits this student; optim.optimizer.lr reads it
 
 

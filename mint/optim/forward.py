@@ -191,6 +191,7 @@ def packed_logps(
             position_ids=batch["position_ids"],
         ),
         keep,
+        trunk=packed_trunk(batch),
     )
     # log p(token | predictor) = logit of the token - logsumexp at the predictor, per needed position.
     kept_row = kept.index[rows[needed], source[needed]]
@@ -239,12 +240,22 @@ class KeptLogits:
         return self.logits[kept_rows, tokens].float() - self.log_norm[kept_rows]
 
 
-def logits_at(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> KeptLogits:
+def logits_at(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    keep: torch.Tensor,
+    trunk: Any = None,
+) -> KeptLogits:
     """The model's logits at the `keep` positions ([N, T] boolean) only.
 
     The output layer runs on the kept hidden states alone (transformers' boolean `logits_to_keep`,
     which the model's own forward applies before its head), so [N, T, V] logits never exist.
+    `trunk`: cached hidden states below the trained layers (mint.optim.trunk), run from there on.
     """
+    if trunk is not None:
+        from mint.optim.trunk import top_logits
+
+        return KeptLogits.of(top_logits(model, trunk, inputs, keep), keep)
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     if logits.ndim != 2:
         raise RuntimeError(
@@ -261,6 +272,13 @@ def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def packed_trunk(batch: dict[str, torch.Tensor]) -> Any:
+    """The cached trunk states of a packed batch, if it carries them (mint.optim.trunk)."""
+    if "trunk_states" not in batch:
+        return None
+    return (batch["trunk_states"], int(batch["trunk_start"]))
+
+
 # --------------------------------------------------------------------------- unpacked forward
 
 
@@ -275,9 +293,15 @@ def text_sides_logits(
     input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
     attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    trunk = None
+    if f"{sides[0]}_trunk" in batch:  # cached trunk states (mint.optim.trunk)
+        trunk = (torch.cat([batch[f"{side}_trunk"] for side in sides]), int(batch["trunk_start"]))
     if keep is None:
+        if trunk is not None:
+            keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            return logits_at(model, inputs, keep, trunk).logits.view(*keep.shape, -1)
         return model(**inputs, use_cache=False).logits
-    return logits_at(model, inputs, keep)
+    return logits_at(model, inputs, keep, trunk)
 
 
 Logits = torch.Tensor | KeptLogits  # full [N, T, V] logits, or those at the kept positions
