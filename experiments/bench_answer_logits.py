@@ -40,6 +40,19 @@ def full_packed(model, batch):
     return torch.logsumexp(logits, -1).sum()
 
 
+def tail_packed(model, batch):
+    """Logits from the shortest prompt's end on (the packed forward before answer-only logits)."""
+    first = int(batch["prompt_lengths"].min()) - 1
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask_for(model, batch["segment_ids"]),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=batch["input_ids"].shape[1] - first,
+    ).logits.float()
+    return torch.logsumexp(logits, -1).sum()
+
+
 def full_unpacked(model, batch):
     n = batch["chosen_input_ids"].shape[0]
     logits = text_sides_logits(model, batch)
@@ -98,9 +111,15 @@ def main() -> None:
         "unpacked": (full_unpacked, kept_unpacked, unpacked),
     }
     print(f"{args.layers} layers, batch {args.batch}, torch threads {torch.get_num_threads()}")
+    t_tail = step_time(tail_packed, model, packed, args.repeats)
     for name, (full, kept, batch) in cases.items():
         t_full = step_time(full, model, batch, args.repeats)
         t_kept = step_time(kept, model, batch, args.repeats)
+        if name == "packed":
+            print(
+                f"packed, from the shortest prompt's end (before): {t_tail:.3f} s/step, "
+                f"ratio to answer positions {t_tail / t_kept:.2f}x"
+            )
         print(
             f"{name}: all positions {t_full:.3f} s/step, answer positions {t_kept:.3f} s/step, "
             f"ratio {t_full / t_kept:.2f}x"
