@@ -49,8 +49,9 @@ def make_cfg(tmp_path: Path, shared_cache: Path) -> Callable[..., DictConfig]:
     return _make
 
 
-def random_llama(vocab_size: int, max_positions: int, *, attn: str = "sdpa", seed: int = 0):
-    """A seeded random 2-layer Llama (hidden 32) in eval mode, pad id 0: for forward-equality tests."""
+def random_llama(vocab_size: int, max_positions: int, *, attn: str = "sdpa", seed: int = 0, layers: int = 2):
+    """A seeded random Llama (2 layers unless told, hidden 32) in eval mode, pad id 0: for
+    forward-equality tests."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +60,7 @@ def random_llama(vocab_size: int, max_positions: int, *, attn: str = "sdpa", see
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

@@ -19,7 +19,20 @@ NAME = st.lists(WORD, min_size=1, max_size=4).map(" ".join) | st.tuples(
     WORD, st.sampled_from("&'-/,"), WORD
 ).map(lambda t: f"{t[0]}{t[1]} {t[2]}" if t[1] in "&," else "".join(t))
 # Text a student might write: anything, with the header, list markers and quotes made likely.
-PIECES = [*string.printable, "İ", "İİ", "İİİ", "ß", "ﬁ", "\u2028", "•", "'", "1. ", "\n2) ", "POTENTIAL_DISEASES:"]
+PIECES = [
+    *string.printable,
+    "İ",
+    "İİ",
+    "İİİ",
+    "ß",
+    "ﬁ",
+    "\u2028",
+    "•",
+    "'",
+    "1. ",
+    "\n2) ",
+    "POTENTIAL_DISEASES:",
+]
 NOISE = st.lists(st.sampled_from(PIECES), max_size=60).map("".join)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -188,3 +188,39 @@ def test_closed_set_scores_with_an_image_equal_the_training_forward(tiny: Path, 
         assert scores[i].item() == pytest.approx(expected.item(), abs=1e-4)
     other = IMAGE.label_scores(model, processor, PROMPT, _image("Blue", 1), candidates)
     assert not torch.allclose(scores, other)  # the image is part of what is scored
+
+
+@pytest.mark.parametrize("sft_on_prompt", [False, True])
+def test_answer_only_logits_equal_full_logits_for_the_image_student(
+    tiny: Path, tmp_path: Path, sft_on_prompt
+):
+    """The image student's forward runs its output layer at the labelled positions only; log-probs,
+    NLL and LoRA gradients are those of the full-logits forward."""
+    from mint.optim.forward import nll_from, sides_logps
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=lora)
+    model.eval()
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id)(_pairs(processor)[:4])
+    n = batch["chosen_input_ids"].shape[0]
+
+    def grads(outputs):
+        model.zero_grad()
+        sums, nll = outputs
+        (sums[:n].sum() - 0.5 * sums[n:].sum() + 2 * nll).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    logits = image_sides_logits(model, batch)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    full = (
+        answer_logps(logits, labels)[0],
+        nll_from(logits, sft_labels(batch, sft_on_prompt, logits.shape[-1])),
+    )
+    full_grads = grads(full)
+    sums, _, nll = sides_logps(model, batch, IMAGE.sides_forward, ("chosen", "rejected"), sft_on_prompt)
+    kept_grads = grads((sums, nll))
+    torch.testing.assert_close(sums, full[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(nll, full[1], atol=1e-5, rtol=0)
+    assert kept_grads.keys() == full_grads.keys() and kept_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

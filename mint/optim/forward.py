@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 from mint.pairs.packed import CHOSEN, PAD, PROMPT, REJECTED
 
-# forward(model, batch, sides) -> logits of the given sides of an unpacked batch, concatenated
-# along the batch dim in that order.
-SidesForward = Callable[[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...]], torch.Tensor]
+# forward(model, batch, sides, keep) -> logits of the given sides of an unpacked batch, concatenated
+# along the batch dim in that order: with `keep` ([N, T] boolean) a `KeptLogits` holding the kept
+# positions only (it may also return all logits, [N, T, V]; the log-probs are the same).
+SidesForward = Callable[..., Any]
 SIDES = ("chosen", "rejected")
 
 
@@ -155,9 +156,9 @@ def packed_logps(
     """One forward over a packed batch -> chosen/rejected answer log-probs and the NLL pieces.
 
     The NLL targets are the chosen tokens, and the prompt's tokens too with
-    `sft_on_prompt=True` (TRL's ORPO convention). Without it no prompt position needs
-    logits, so only the rows' tails go through the output layer (`logits_to_keep`): with a
-    128k vocabulary that saves more memory than anything else here.
+    `sft_on_prompt=True` (TRL's ORPO convention). The output layer runs only at the positions
+    that predict a target (answer tokens, and prompt tokens with `sft_on_prompt`): with a large
+    vocabulary it would otherwise cost more than the rest of the model (`logits_at`).
     """
     if "segment_ids" not in batch:
         # e.g. an image student's batches: its cross-attention inputs have no packed layout yet
@@ -168,24 +169,7 @@ def packed_logps(
     segment_ids = batch["segment_ids"]
     prompt_lengths = batch["prompt_lengths"]
     length = segment_ids.shape[1]
-    # Positions before `first` are never predictors; the earliest one is the shortest prompt's end.
-    first = 0 if sft_on_prompt else int(prompt_lengths.min()) - 1
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=attention_mask_for(model, segment_ids),
-        position_ids=batch["position_ids"],
-        use_cache=False,
-        logits_to_keep=length - first,
-    ).logits.float()  # [B, T - first, V]
-
-    source = _predictor_index(segment_ids, prompt_lengths) - first
     targets = batch["input_ids"]
-    # log p(token | predictor) = logit of the token - logsumexp at the predictor. Both are
-    # gathered per position, so no [B, T, V] log-softmax is materialised.
-    log_norm = torch.logsumexp(logits, dim=-1)  # [B, T - first]
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
-    valid_source = source.clamp(min=0)
-    token_logps = logits[rows, valid_source, targets] - log_norm.gather(1, valid_source)  # [B, T]
 
     is_chosen = segment_ids == CHOSEN
     is_rejected = segment_ids == REJECTED
@@ -193,6 +177,29 @@ def packed_logps(
     if sft_on_prompt:
         not_first = torch.arange(length, device=targets.device)[None, :] > 0
         nll_target = nll_target | ((segment_ids == PROMPT) & not_first)
+    needed = is_chosen | is_rejected | nll_target  # positions whose token's log-prob is used
+
+    source = _predictor_index(segment_ids, prompt_lengths)
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+    keep = torch.zeros_like(needed)
+    keep[rows[needed], source[needed]] = True  # the predictors: the only positions given logits
+    kept = logits_at(
+        model,
+        dict(
+            input_ids=batch["input_ids"],
+            attention_mask=attention_mask_for(model, segment_ids),
+            position_ids=batch["position_ids"],
+        ),
+        keep,
+        trunk=packed_trunk(batch),
+    )
+    # log p(token | predictor) = logit of the token - logsumexp at the predictor, per needed position.
+    kept_row = kept.index[rows[needed], source[needed]]
+    logps = kept.logps(kept_row, targets[needed])
+    token_logps = torch.zeros(needed.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
+        needed, logps
+    )  # [B, T], 0 where not needed
+
     zero = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
     return PackedLogps(
         chosen_sum=torch.where(is_chosen, token_logps, zero).sum(-1),
@@ -204,24 +211,118 @@ def packed_logps(
     )
 
 
+# --------------------------------------------------------------------------- logits where needed
+
+
+@dataclass(frozen=True)
+class KeptLogits:
+    """Logits at some positions of a batch only: those that predict a token the loss uses.
+
+    `logits[k]` are the logits of the k-th kept position in row-major order; `index[n, t]` is k for
+    a kept position (n, t) and -1 elsewhere. `log_norm` is their logsumexp (float32).
+    """
+
+    logits: torch.Tensor  # [K, V]
+    index: torch.Tensor  # [N, T]
+    log_norm: torch.Tensor  # [K]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, keep: torch.Tensor) -> KeptLogits:
+        index = torch.where(keep, keep.flatten().long().cumsum(0).view(keep.shape) - 1, -1)
+        return cls(logits=logits, index=index, log_norm=torch.logsumexp(logits.float(), dim=-1))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[-1]
+
+    def logps(self, kept_rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[i] | the kept position kept_rows[i]), float32."""
+        return self.logits[kept_rows, tokens].float() - self.log_norm[kept_rows]
+
+
+def logits_at(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    keep: torch.Tensor,
+    trunk: Any = None,
+) -> KeptLogits:
+    """The model's logits at the `keep` positions ([N, T] boolean) only.
+
+    The output layer runs on the kept hidden states alone (transformers' boolean `logits_to_keep`,
+    which the model's own forward applies before its head), so [N, T, V] logits never exist.
+    `trunk`: cached hidden states below the trained layers (mint.optim.trunk), run from there on.
+    """
+    if trunk is not None:
+        from mint.optim.trunk import top_logits
+
+        return KeptLogits.of(top_logits(model, trunk, inputs, keep), keep)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    if logits.ndim != 2:
+        raise RuntimeError(
+            "the model's forward ignored a boolean logits_to_keep (transformers >= 5 slices it per row "
+            "in `slice_logits_to_keep`); upgrade transformers"
+        )
+    return KeptLogits.of(logits, keep)
+
+
+def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[N, T] boolean: the positions whose logits predict a label (-100: no label) at the next one."""
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def packed_trunk(batch: dict[str, torch.Tensor]) -> Any:
+    """The cached trunk states of a packed batch, if it carries them (mint.optim.trunk)."""
+    if "trunk_states" not in batch:
+        return None
+    return (batch["trunk_states"], int(batch["trunk_start"]))
+
+
 # --------------------------------------------------------------------------- unpacked forward
 
 
 def text_sides_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = SIDES
-) -> torch.Tensor:
-    """Logits of the given sides of an unpacked text batch, concatenated along the batch dim."""
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    sides: tuple[str, ...] = SIDES,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor | KeptLogits:
+    """Logits of the given sides of an unpacked text batch, concatenated along the batch dim:
+    all of them ([N, T, V]), or with `keep` ([N, T] boolean) those at the kept positions only."""
     input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
     attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    trunk = None
+    if f"{sides[0]}_trunk" in batch:  # cached trunk states (mint.optim.trunk)
+        trunk = (torch.cat([batch[f"{side}_trunk"] for side in sides]), int(batch["trunk_start"]))
+    if keep is None:
+        if trunk is not None:
+            keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            return logits_at(model, inputs, keep, trunk).logits.view(*keep.shape, -1)
+        return model(**inputs, use_cache=False).logits
+    return logits_at(model, inputs, keep, trunk)
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+Logits = torch.Tensor | KeptLogits  # full [N, T, V] logits, or those at the kept positions
+
+
+def token_logps(logits: Logits, labels: torch.Tensor) -> torch.Tensor:
     """Log-prob of each label token given its prefix, 0 where the label is -100.
 
-    logits [N, T, V] predict the token at t+1 from position t; labels [N, T].
+    logits [N, T, V] predict the token at t+1 from position t; labels [N', T] (N' <= N: the first
+    rows). `KeptLogits` must hold every position that predicts a label.
     """
-    shifted_logits = logits[:, :-1].float()
+    if isinstance(logits, KeptLogits):
+        labelled = labels[:, 1:] != -100
+        kept_rows = logits.index[: labels.shape[0], :-1][labelled]
+        if bool((kept_rows < 0).any()):
+            raise ValueError("a labelled position has no logits: keep its predictor (predictor_mask)")
+        logps = logits.logps(kept_rows, labels[:, 1:][labelled])
+        return torch.zeros(labelled.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
+            labelled, logps
+        )
+    shifted_logits = logits[: labels.shape[0], :-1].float()
     shifted_labels = labels[:, 1:]
     logps = -F.cross_entropy(
         shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
@@ -229,17 +330,50 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps  # [N, T-1], zeros at ignored positions
 
 
-def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_size(logits: Logits) -> int:
+    return logits.vocab_size if isinstance(logits, KeptLogits) else logits.shape[-1]
+
+
+def answer_logps(logits: Logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-prob per row and the number of answer tokens per row."""
     logps = token_logps(logits, labels)
     n_tokens = (labels[:, 1:] != -100).sum(-1)
     return logps.sum(-1), n_tokens
 
 
-def nll_from(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def nll_from(logits: Logits, labels: torch.Tensor) -> torch.Tensor:
     """Token-averaged negative log-likelihood over the positions that carry a label."""
     logps = token_logps(logits, labels)
     return -logps.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """The number of logits per position (an image model's text vocabulary)."""
+    return model.config.get_text_config().vocab_size
+
+
+def sides_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    forward: SidesForward,
+    sides: tuple[str, ...],
+    sft_on_prompt: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed answer log-probs and answer token counts of the `sides` (concatenated), and the NLL of
+    the SFT term on the chosen rows (None when `sft_on_prompt` is None: no NLL wanted).
+
+    The forward is asked for the logits at the labelled positions only.
+    """
+    labels = torch.cat([batch[f"{side}_labels"] for side in sides])
+    keep = predictor_mask(labels)
+    nll_labels = None
+    if sft_on_prompt is not None:
+        nll_labels = sft_labels(batch, sft_on_prompt, output_vocab_size(model))
+        keep[: nll_labels.shape[0]] |= predictor_mask(nll_labels)
+    logits = forward(model, batch, sides, keep)
+    sums, counts = answer_logps(logits, labels)
+    nll = nll_from(logits, nll_labels) if nll_labels is not None else None
+    return sums, counts, nll
 
 
 def sft_labels(
@@ -267,6 +401,5 @@ def summed_answer_logps(
         out = packed_logps(model, batch)
         return out.chosen_sum, out.rejected_sum
     n = batch["chosen_input_ids"].shape[0]
-    logits = forward(model, batch, SIDES)
-    sums, _ = answer_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
+    sums, _, _ = sides_logps(model, batch, forward, SIDES, sft_on_prompt=None)
     return sums[:n], sums[n:]

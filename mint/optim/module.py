@@ -22,10 +22,8 @@ from mint.config import Method
 from mint.optim.forward import (
     SIDES,
     SidesForward,
-    answer_logps,
-    nll_from,
     packed_logps,
-    sft_labels,
+    sides_logps,
     text_sides_logits,
 )
 from mint.optim.losses import dpo_loss, orpo_loss
@@ -72,19 +70,16 @@ class PreferenceModule(L.LightningModule):
             out = packed_logps(self.model, batch, sft_on_prompt=self.sft_on_prompt)
             return out.chosen_sum, out.rejected_sum, out.chosen_count, out.rejected_count, out.nll
         batch_size = batch["chosen_input_ids"].shape[0]
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logits = self.forward_sides(self.model, batch, SIDES)
-        sums, counts = answer_logps(logits, labels)
-        nll = nll_from(logits[:batch_size], sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
+        sums, counts, nll = sides_logps(self.model, batch, self.forward_sides, SIDES, self.sft_on_prompt)
         return sums[:batch_size], sums[batch_size:], counts[:batch_size], counts[batch_size:], nll
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.method is Method.sft and self.training and not self.packed:
             # SFT training needs only the chosen rows; its validation compares both.
             # (Packed rows hold both answers; the rejected tail costs little next to the prompt.)
-            logits = self.forward_sides(self.model, batch, ("chosen",))
-            nll = nll_from(logits, sft_labels(batch, self.sft_on_prompt, logits.shape[-1]))
-            chosen_sum, chosen_n = answer_logps(logits, batch["chosen_labels"])
+            chosen_sum, chosen_n, nll = sides_logps(
+                self.model, batch, self.forward_sides, ("chosen",), self.sft_on_prompt
+            )
             return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
 
         chosen_sum, rejected_sum, chosen_n, rejected_n, nll = self._answer_logps(batch)

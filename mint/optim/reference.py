@@ -28,13 +28,18 @@ from mint.pairs.text import as_item
 Collator = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
 
 
+def is_packed(collator: Collator) -> bool:
+    """Does `collator` (or the one it wraps, e.g. mint.optim.trunk.TrunkCollator) pack its pairs?"""
+    return isinstance(getattr(collator, "inner", collator), PackedPreferenceCollator)
+
+
 def pairs_digest(pairs: Sequence[Any]) -> str:
     """sha256 of the token ids of every pair, and of its pixels when it carries an image."""
     digest = hashlib.sha256()
-    for pair in pairs:
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
-        if hasattr(pair, "pixel_values"):  # an image pair: the image is part of what is scored
-            digest.update(pair.pixel_values.float().numpy().tobytes())
+    for pair in map(as_item, pairs):
+        digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
+        if "pixel_values" in pair:  # an image pair: the image is part of what is scored
+            digest.update(pair["pixel_values"].float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -51,7 +56,7 @@ def attach_reference_logps(
     A `PackedPreferenceCollator` runs the packed forward (each prompt once); any other collator's
     batches run through `forward`. The collators pass the two keys on into their batches.
     """
-    packed = isinstance(collator, PackedPreferenceCollator)
+    packed = is_packed(collator)
     was_training = model.training
     model.eval()  # no dropout in the reference
     # In order of length, so that batches carry little padding.
@@ -88,7 +93,7 @@ def reference_logps(
     key = {
         "pairs": pairs_digest(pairs),
         "student": student,
-        "packed": isinstance(collator, PackedPreferenceCollator),
+        "packed": is_packed(collator),
     }
 
     def make(folder: Path) -> None:

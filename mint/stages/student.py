@@ -30,6 +30,7 @@ from mint.config import Method, plain
 from mint.files import build_atomically
 from mint.optim.module import PreferenceModule
 from mint.optim.reference import reference_logps
+from mint.optim.trunk import TrunkCollator, cached_trunk, with_trunk_rows
 from mint.pairs.loaders import make_loaders
 from mint.pairs.rows import Rows, pairs_to_texts
 from mint.report import scrub, write_metrics
@@ -125,6 +126,7 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         gradient_checkpointing=s.gradient_checkpointing,
         trust_remote_code=s.trust_remote_code,
         attn_implementation=s.attn_implementation,
+        train_top_layers=s.train_top_layers,
     )
     method = MethodSettings(
         method=Method(o.method),
@@ -181,6 +183,13 @@ def check_rows(rows: Rows, *, batch_size: int, objective: str) -> None:
             f"no validation pairs ({len(rows.train)} training pairs), but objective={objective} is "
             "measured on them: add pairs, raise task.val_fraction, or set objective= to another key"
         )
+
+
+def base_identity(student: dict[str, Any]) -> dict[str, Any]:
+    """What of `student.*` determines the frozen base's hidden states (not the adapter, the learning
+    rate or gradient checkpointing: the trunk lies below every trained weight)."""
+    ignored = {"lora", "adapter_path", "learning_rate", "gradient_checkpointing", "train_top_layers"}
+    return {k: v for k, v in student.items() if k not in ignored}
 
 
 def rows_digest(rows: list[dict]) -> str:
@@ -243,6 +252,22 @@ def fit_student(
     train_pairs, train_report = kind.encode(processor, rows.train, job.lengths)
     val_pairs, val_report = kind.encode(processor, rows.val, job.lengths)
     collator = kind.collator(processor, settings.packed)
+    if job.student.train_top_layers is not None and trains:
+        # The frozen layers run once per row (train and val), here and cached; training runs the top
+        # layers only, on those states (mint/optim/trunk.py).
+        everything = [*train_pairs, *val_pairs]
+        trunk = cached_trunk(
+            model,
+            everything,
+            collator,
+            top_layers=job.student.train_top_layers,
+            batch_size=settings.eval_batch_size,
+            cache_dir=job.cache_dir,
+            base=base_identity(job.identity["student"]),
+        )
+        items = with_trunk_rows(everything)
+        train_pairs, val_pairs = items[: len(train_pairs)], items[len(train_pairs) :]
+        collator = TrunkCollator(collator, trunk)
     if settings.method is Method.dpo:
         reference = dict(
             batch_size=settings.eval_batch_size,

@@ -50,6 +50,7 @@ class StudentSpec:
     gradient_checkpointing: bool
     trust_remote_code: bool
     attn_implementation: str
+    train_top_layers: int | None = None  # LoRA on the top N layers only (mint/optim/trunk.py)
 
     def loader_arguments(self, cache_dir: str, corpus: Sequence[str], with_adapter: bool) -> dict[str, Any]:
         """What both loaders take (`load_student`, `load_vision_student`); `with_adapter=False`
@@ -88,7 +89,9 @@ class TextStudent:
         self, spec: StudentSpec, *, cache_dir: str, corpus: Sequence[str], with_adapter: bool
     ) -> tuple[torch.nn.Module, Any]:
         arguments = spec.loader_arguments(cache_dir, corpus, with_adapter)
-        return load_student(spec.name_or_path, gguf_file=spec.gguf_file, **arguments)
+        return load_student(
+            spec.name_or_path, gguf_file=spec.gguf_file, train_top_layers=spec.train_top_layers, **arguments
+        )
 
     def tokenizer(self, processor: Any) -> Any:
         return processor
@@ -156,6 +159,12 @@ class ImageStudent:
     ) -> tuple[torch.nn.Module, Any]:
         if spec.gguf_file is not None:
             raise ValueError("student.gguf_file: GGUF loading is for text students only")
+        if spec.train_top_layers is not None:
+            raise ValueError(
+                "student.train_top_layers is for text students only for now: an image student's "
+                "cross-attention layers are spread over its depth, so the image would reach the cached "
+                "trunk; set student.train_top_layers=null"
+            )
         return load_vision_student(
             spec.name_or_path, **spec.loader_arguments(cache_dir, corpus, with_adapter)
         )

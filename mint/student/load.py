@@ -41,6 +41,7 @@ def load_student(
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    train_top_layers: int | None = None,
 ) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in train mode, with only the adapter trainable when one is used."""
     check_load_settings(dtype, quantization)
@@ -72,6 +73,10 @@ def load_student(
     )
 
     model = prepare_for_training(model, quantization, gradient_checkpointing)
+    if train_top_layers is not None and lora is not None and adapter_path is None:
+        from mint.optim.trunk import top_lora
+
+        lora = top_lora(lora, model, train_top_layers)  # LoRA on the top layers' linear modules only
     model = attach_adapter(model, lora, adapter_path)
     log_parameters("student", source, model)
     return model, tokenizer

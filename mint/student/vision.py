@@ -32,6 +32,7 @@ from transformers import (
     MllamaVisionConfig,
 )
 
+from mint.optim.forward import KeptLogits, logits_at
 from mint.pairs.vision import IMAGE_KEYS, VisionPair, image_inputs
 from mint.student.load import (
     DTYPES,
@@ -286,9 +287,13 @@ def _mllama_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def image_sides_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], sides: tuple[str, ...] = ("chosen", "rejected")
-) -> torch.Tensor:
-    """Logits of the given sides of a VisionPreferenceCollator batch, concatenated along the batch.
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    sides: tuple[str, ...] = ("chosen", "rejected"),
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor | KeptLogits:
+    """Logits of the given sides of a VisionPreferenceCollator batch, concatenated along the batch:
+    all of them, or with `keep` ([N, T] boolean) those at the kept positions only (`logits_at`).
 
     Each image goes through the vision tower and projector once (`image_states`); its states and
     the shared cross-attention mask are repeated for every side: the sides share the prompt and
@@ -302,13 +307,15 @@ def image_sides_logits(
     states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
     # states hold images*tiles rows per pair, in batch order; the model groups them back by row.
     n = len(sides)
-    return model(
+    inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         cross_attention_states=states.repeat(n, 1, 1),
         cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
-        use_cache=False,
-    ).logits
+    )
+    if keep is not None:
+        return logits_at(model, inputs, keep)
+    return model(**inputs, use_cache=False).logits
 
 
 def image_prompt_forward(

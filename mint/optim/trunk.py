@@ -1,0 +1,361 @@
+"""Train the top N layers only, on cached trunk states (`student.train_top_layers`).
+
+With LoRA on the top N of L decoder layers and nothing trainable below them, the hidden states
+after layer L-N of a token row never change during training. They are computed once per
+(tokenized rows, base model, dtype, N, layout), in inference mode, and kept in the stage cache as
+one `.npy` per split (in the model's dtype; bfloat16 stored as its raw 16 bits), memory-mapped when
+read. A training step then runs only the top N layers, the final norm and the output layer (at the
+answer positions only) on those states: `top_logits`.
+
+Layouts: a packed pair is one sequence [prompt, chosen, rejected] (its 4D mask and position ids,
+as `mint.optim.forward.packed_logps` builds them); an unpacked pair is two sequences,
+prompt+chosen and prompt+rejected. Each sequence is stored without padding; `TrunkCollator` pads
+with zeros (padding never reaches a real token) and puts the states into the batch, where the
+forward finds them (`trunk_states`, or `chosen_trunk` / `rejected_trunk`, and `trunk_start`).
+
+One trunk entry serves everything that starts from the same base: ORPO, DPO, DPO's SFT start and
+its reference log-probs, and a sweep over beta or the learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from tqdm.auto import tqdm
+
+from mint.cache import cached
+from mint.pairs.packed import PackedPreferenceCollator, packed_length
+from mint.pairs.text import as_item
+
+log = logging.getLogger("mint.trunk")
+Collator = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+# Modules outside the decoder layers that may train without touching the trunk: the final norm
+# and the output layer both come after it.
+AFTER_TRUNK = ("lm_head", "norm")
+
+
+# --------------------------------------------------------------------------- the model's parts
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any PEFT wrapper."""
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    decoder = causal_lm(model).get_decoder()
+    missing = [name for name in ("layers", "norm", "rotary_emb") if not hasattr(decoder, name)]
+    if missing:
+        raise ValueError(
+            f"student.train_top_layers: {type(decoder).__name__} has no {missing}; only Llama-style "
+            "decoders (layers, final norm, rotary embeddings) can train their top layers on cached states"
+        )
+    return decoder
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    return causal_lm(model).config.get_text_config().num_hidden_layers
+
+
+def top_start(model: torch.nn.Module, top_layers: int) -> int:
+    """The index of the first trained layer, L - N."""
+    total = num_layers(model)
+    if not 1 <= top_layers < total:
+        raise ValueError(
+            f"student.train_top_layers={top_layers}: the student has {total} layers; train between 1 and "
+            f"{total - 1} of them on cached states, or set it to null to train all"
+        )
+    return total - top_layers
+
+
+def top_lora(lora: peft.LoraConfig, model: torch.nn.Module, top_layers: int) -> peft.LoraConfig:
+    """`lora` with its targets narrowed to the linear modules of the top `top_layers` decoder layers.
+
+    Refuses `modules_to_save` below the top layers (e.g. embed_tokens): training them would change
+    the cached trunk states.
+    """
+    start = top_start(model, top_layers)
+    lora = copy.deepcopy(lora)
+    targets = lora.target_modules
+    layer_names = [name for name, _ in causal_lm(model).named_modules() if re.search(r"\.layers\.\d+$", name)]
+    if targets in (None, "all-linear"):
+        suffixes = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for layer in layer_names[:1]
+                for name, module in causal_lm(model).get_submodule(layer).named_modules()
+                if isinstance(module, torch.nn.Linear)
+            }
+        )
+    elif isinstance(targets, str):
+        raise ValueError(
+            "student.train_top_layers with a regex student.lora.target_modules: list the module names "
+            "instead (e.g. [q_proj, v_proj]) or use all-linear"
+        )
+    else:
+        suffixes = sorted(targets)
+    top = "|".join(str(i) for i in range(start, num_layers(model)))
+    lora.target_modules = rf"(.*\.)?layers\.({top})\.(.*\.)?({'|'.join(map(re.escape, suffixes))})"
+    below = [m for m in lora.modules_to_save or [] if m not in AFTER_TRUNK]
+    if below:
+        raise ValueError(
+            f"student.train_top_layers={top_layers} with student.lora.modules_to_save={below}: these "
+            f"modules lie below the trained layers, so the cached trunk states would go stale; keep only "
+            f"{list(AFTER_TRUNK)} there"
+        )
+    return lora
+
+
+def check_top_only(model: torch.nn.Module, start: int) -> None:
+    """Every trainable parameter and every adapter weight lies in layer `start` or above (or after
+    the decoder layers): otherwise the trunk states would not be those the model computes."""
+    bad = []
+    for name, param in model.named_parameters():
+        adapted = param.requires_grad or "lora_" in name or "modules_to_save" in name
+        if not adapted:
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer is not None:
+            if int(layer.group(1)) < start:
+                bad.append(name)
+        elif not any(f".{part}." in f".{name}." for part in AFTER_TRUNK):
+            bad.append(name)
+    if bad:
+        raise ValueError(
+            f"student.train_top_layers: {len(bad)} adapted or trainable parameter(s) lie below layer "
+            f"{start}, e.g. {bad[0]}; the cached trunk states would not match the model (an adapter "
+            "trained on all layers cannot continue on the top layers only)"
+        )
+
+
+class _Reached(Exception):
+    """Raised by the hook on the last trunk layer: the rest of the forward is not needed."""
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states
+
+
+@torch.inference_mode()
+def trunk_states(model: torch.nn.Module, start: int, inputs: dict[str, Any]) -> torch.Tensor:
+    """Hidden states after decoder layer `start` - 1 ([N, T, H]): the decoder's own forward, stopped
+    there (so whatever it does before its layers, e.g. embedding scaling, is done its way)."""
+    decoder = decoder_of(model)
+
+    def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder.layers[start - 1].register_forward_hook(stop)
+    try:
+        decoder(**inputs, use_cache=False)
+    except _Reached as reached:
+        return reached.states
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {start - 1} never ran")
+
+
+def top_logits(
+    model: torch.nn.Module, trunk: tuple[torch.Tensor, int], inputs: dict[str, Any], keep: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the `keep` positions ([K, V]) from trunk states: layers `start`.. L-1, norm, head.
+
+    `inputs`: what the full forward would get (attention_mask 2D or the packed 4D one, optional
+    position_ids); the mask goes through transformers' `create_causal_mask` as in the decoder.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    states, start = trunk
+    decoder = decoder_of(model)
+    hidden = states.to(decoder.norm.weight.dtype)
+    position_ids = inputs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden,
+        attention_mask=inputs["attention_mask"],
+        cache=None,
+        position_ids=position_ids,
+    )
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for layer in decoder.layers[start : num_layers(model)]:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=None,
+            use_cache=False,
+        )
+    hidden = decoder.norm(hidden)
+    return causal_lm(model).get_output_embeddings()(hidden[keep])
+
+
+# --------------------------------------------------------------------------- storing the states
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """Trunk states of a list of pairs: sequence i is `states[offsets[i]:offsets[i+1]]`.
+
+    Packed: one sequence per pair. Unpacked: 2i is prompt+chosen, 2i+1 prompt+rejected.
+    """
+
+    states: np.ndarray  # [tokens, H], memory-mapped; bfloat16 as uint16
+    offsets: np.ndarray  # [sequences + 1]
+    dtype: torch.dtype
+    start: int
+    packed: bool
+
+    def sequence(self, index: int) -> torch.Tensor:
+        chunk = np.array(self.states[self.offsets[index] : self.offsets[index + 1]])  # a copy, not the map
+        tensor = torch.from_numpy(chunk)
+        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+
+    @classmethod
+    def load(cls, folder: Path, mmap: bool = True) -> Trunk:
+        meta = np.load(folder / "meta.npy", allow_pickle=False)
+        dtype = getattr(torch, str(np.load(folder / "dtype.npy")))
+        return cls(
+            states=np.load(folder / "states.npy", mmap_mode="r" if mmap else None),
+            offsets=np.load(folder / "offsets.npy"),
+            dtype=dtype,
+            start=int(meta[0]),
+            packed=bool(meta[1]),
+        )
+
+
+def sequence_lengths(pairs: Sequence[Any], packed: bool) -> list[int]:
+    if packed:
+        return [packed_length(pair) for pair in pairs]
+    lengths = []
+    for pair in pairs:
+        item = as_item(pair)
+        lengths += [len(item["prompt_ids"]) + len(item[f"{side}_ids"]) for side in ("chosen", "rejected")]
+    return lengths
+
+
+def build_trunk(
+    model: torch.nn.Module,
+    pairs: Sequence[Any],
+    collator: Collator,
+    start: int,
+    folder: Path,
+    batch_size: int,
+) -> None:
+    """Compute and write the trunk states of `pairs` (collated by `collator`) into `folder`."""
+    from mint.optim.forward import attention_mask_for
+
+    packed = isinstance(collator, PackedPreferenceCollator)
+    lengths = sequence_lengths(pairs, packed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    hidden = causal_lm(model).config.get_text_config().hidden_size
+    dtype = decoder_of(model).norm.weight.dtype
+    stored = np.uint16 if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
+    states = np.lib.format.open_memmap(
+        folder / "states.npy", mode="w+", dtype=stored, shape=(int(offsets[-1]), hidden)
+    )
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: packed_length(pairs[i]))
+    device = next(model.parameters()).device
+    for first in tqdm(range(0, len(pairs), batch_size), desc="trunk states", unit="batch"):
+        indices = order[first : first + batch_size]
+        batch = {k: v.to(device) for k, v in collator([pairs[i] for i in indices]).items()}
+        if packed:
+            inputs = dict(
+                input_ids=batch["input_ids"],
+                attention_mask=attention_mask_for(model, batch["segment_ids"]),
+                position_ids=batch["position_ids"],
+            )
+            sequences = indices
+        else:
+            sides = ("chosen", "rejected")
+            inputs = dict(
+                input_ids=torch.cat([batch[f"{side}_input_ids"] for side in sides]),
+                attention_mask=torch.cat([batch[f"{side}_attention_mask"] for side in sides]),
+            )
+            sequences = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        out = trunk_states(model, start, inputs).to(dtype).cpu()
+        for row, sequence in enumerate(sequences):
+            a, b = offsets[sequence], offsets[sequence + 1]
+            values = out[row, : b - a]
+            states[a:b] = (values.view(torch.uint16) if dtype == torch.bfloat16 else values).numpy()
+    states.flush()
+    del states
+    model.train(was_training)
+    np.save(folder / "offsets.npy", offsets)
+    np.save(folder / "meta.npy", np.array([start, int(packed)], dtype=np.int64))
+    np.save(folder / "dtype.npy", np.array(str(dtype).removeprefix("torch.")))
+
+
+def cached_trunk(
+    model: torch.nn.Module,
+    pairs: Sequence[Any],
+    collator: Collator,
+    *,
+    top_layers: int,
+    batch_size: int,
+    cache_dir: Path,
+    base: dict[str, Any],
+) -> Trunk:
+    """`build_trunk` through the stage cache. `base`: what identifies the frozen base model (not its
+    adapter: `check_top_only` makes sure no adapter reaches below the top layers)."""
+    from mint.optim.reference import pairs_digest
+
+    start = top_start(model, top_layers)
+    check_top_only(model, start)
+    packed = isinstance(collator, PackedPreferenceCollator)
+    key = {
+        "pairs": pairs_digest(pairs),
+        "base": base,
+        "dtype": str(decoder_of(model).norm.weight.dtype),
+        "top_layers": top_layers,
+        "packed": packed,
+    }
+    folder = cached(
+        cache_dir, "trunk", key, lambda out: build_trunk(model, pairs, collator, start, out, batch_size)
+    )
+    return Trunk.load(folder)
+
+
+def with_trunk_rows(pairs: Sequence[Any]) -> list[dict[str, Any]]:
+    """The pairs as dicts that name their trunk sequence (`trunk_row`: the pair's index)."""
+    return [{**as_item(pair), "trunk_row": index} for index, pair in enumerate(pairs)]
+
+
+class TrunkCollator:
+    """`inner`'s batch plus the trunk states of its pairs, zero-padded to the batch's length."""
+
+    def __init__(self, inner: Collator, trunk: Trunk):
+        self.inner = inner
+        self.trunk = trunk
+
+    def _padded(self, sequences: list[int], length: int) -> torch.Tensor:
+        parts = [self.trunk.sequence(i) for i in sequences]
+        out = torch.zeros((len(parts), length, parts[0].shape[-1]), dtype=parts[0].dtype)
+        for row, part in enumerate(parts):
+            out[row, : part.shape[0]] = part
+        return out
+
+    def __call__(self, pairs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        items = [as_item(pair) for pair in pairs]
+        batch = self.inner(items)
+        rows = [item["trunk_row"] for item in items]
+        batch["trunk_start"] = torch.tensor(self.trunk.start)
+        if self.trunk.packed:
+            batch["trunk_states"] = self._padded(rows, batch["input_ids"].shape[1])
+        else:
+            length = batch["chosen_input_ids"].shape[1]
+            batch["chosen_trunk"] = self._padded([2 * r for r in rows], length)
+            batch["rejected_trunk"] = self._padded([2 * r + 1 for r in rows], length)
+        return batch
