@@ -110,6 +110,10 @@ class EvalConfig:
     top_p: float = 1.0
     top_k: int = 50
     batch_size: int = 16
+    # Greedy decoding of a weak student repeats its favourite name down the list; true masks
+    # tokens that can only repeat a name already listed (mint.eval.constraints). The metric is
+    # unchanged: an answer is valid only with the header and n distinct known names.
+    no_repeated_names: bool = False
     max_samples: int | None = None  # evaluate the first N samples of each evaluated split (debug)
     n_boot: int = 1000  # bootstrap resamples for the 95% CIs
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:
