@@ -83,3 +83,15 @@ def test_the_task_eval_knob_reaches_decoding(make_cfg):
     cfg = make_cfg("task=rare_disease", "task.eval.no_repeated_names=false")
     assert not eval_job(cfg).decoding.no_repeated_names
     assert not eval_job(make_cfg("experiment=paper_tissue")).decoding.no_repeated_names
+
+
+def test_a_listed_name_that_opens_a_longer_label_leaves_the_longer_one_free():
+    labels = ["Noonan syndrome", "Noonan syndrome with lentigines", "Colon"]
+    fmt = AnswerFormat(header="D:", n=2)
+    tok = train_tokenizer([fmt.render([a, b]) for a in labels for b in labels if a != b] * 5, vocab_size=300)
+    constraint = NoRepeatedNames(tok, labels, prompt_length=0)
+    banned = {
+        tok.decode([i]) for i in constraint.banned_tokens("D:\n1. 'Noonan syndrome'\n2. 'Noonan syndrome")
+    }
+    assert " with" in {tok.decode([i]) for i in range(len(tok))}
+    assert "'" in banned and " with" not in banned  # closing the listed name is masked, going on is not
