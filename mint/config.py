@@ -145,6 +145,10 @@ class EvalConfig:
     top_p: float = bounded(1.0, gt=0, le=1)
     top_k: int = bounded(50, ge=0)  # 0: no top-k filter
     batch_size: int = bounded(16, ge=1)
+    # Greedy decoding of a weak student repeats its favourite name down the list; true masks
+    # tokens that can only repeat a name already listed (mint.eval.constraints). The metric is
+    # unchanged: an answer is valid only with the header and n distinct known names.
+    no_repeated_names: bool = False
     max_samples: int | None = bounded(None, ge=1)  # evaluate the first N samples of each evaluated split
     n_boot: int = bounded(1000, ge=1)  # bootstrap resamples for the 95% CIs
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:

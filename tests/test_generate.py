@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from mint.data.example_prefs import make_example_prefs
@@ -23,3 +24,14 @@ def test_batched_greedy_generation_matches_single_prompts(tmp_path: Path):
     assert batched == single and len(batched) == 5
     assert all(isinstance(a, str) for a in batched)
     assert tokenizer.padding_side == "right" and model.training  # restored for training
+
+    # The no-repeated-names constraint runs inside generate() (batched and single agree), and
+    # needs the label set.
+    constrained = DecodingSettings(max_new_tokens=12, batch_size=3, no_repeated_names=True)
+    labels = ["Breast", "Colon"]
+    batched = generate_answers(model, tokenizer, prompts, constrained, labels=labels)
+    assert batched == [
+        generate_answers(model, tokenizer, [p], constrained, labels=labels)[0] for p in prompts
+    ]
+    with pytest.raises(ValueError, match="needs the label set"):
+        generate_answers(model, tokenizer, prompts, constrained)

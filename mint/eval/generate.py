@@ -7,13 +7,15 @@ are a config away.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+
+from mint.eval.constraints import NoRepeatedNames
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class DecodingSettings:
     top_p: float = 1.0
     top_k: int = 50
     batch_size: int = 8
+    # Mask tokens that can only repeat a name the answer already lists (mint.eval.constraints);
+    # needs the label set passed to generate_answers.
+    no_repeated_names: bool = False
 
     def generation_config(self, tokenizer: Any) -> GenerationConfig:
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
@@ -43,13 +48,18 @@ def generate_answers(
     prompts: list[list[dict]],
     settings: DecodingSettings,
     model_inputs: Callable[[list[str], range], Any] | None = None,
+    labels: Sequence[str] | None = None,
+    quote: str = "'",
 ) -> list[str]:
     """One answer per conversational prompt (message list), decoded without special tokens.
 
     `tokenizer` is the student's text tokenizer. `model_inputs(texts, indices)` turns the
     rendered prompts of `prompts[indices]` into the model's inputs; None tokenizes the text
     (an image student's kind passes one that adds each prompt's image, mint.student.kinds).
+    `labels` and `quote` (the answer format's) are what `settings.no_repeated_names` reads.
     """
+    if settings.no_repeated_names and labels is None:
+        raise ValueError("no_repeated_names needs the label set: pass labels= to generate_answers")
     was_training = model.training
     model.eval()
     config = settings.generation_config(tokenizer)
@@ -68,7 +78,12 @@ def generate_answers(
             else:
                 batch = model_inputs(texts, indices)
             batch = batch.to(model.device)
-            output = model.generate(**batch, generation_config=config)
+            processors = LogitsProcessorList()
+            if settings.no_repeated_names:
+                # Left padding: every row's answer starts after the same prompt width.
+                prompt_length = batch["input_ids"].shape[1]
+                processors.append(NoRepeatedNames(tokenizer, labels, prompt_length, quote))
+            output = model.generate(**batch, generation_config=config, logits_processor=processors)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:

@@ -72,6 +72,7 @@ def eval_job(cfg: DictConfig) -> EvalJob:
             top_p=settings.top_p,
             top_k=settings.top_k,
             batch_size=settings.batch_size,
+            no_repeated_names=settings.no_repeated_names,
         ),
         max_samples=settings.max_samples,
         on_val=settings.on_val,
@@ -140,7 +141,15 @@ def evaluate_split(
         metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
     tokenizer = kind.tokenizer(processor)
     model_inputs = kind.generation_inputs(processor, [s.image for s in samples])
-    answers = generate_answers(model, tokenizer, prompts, job.decoding, model_inputs=model_inputs)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        job.decoding,
+        model_inputs=model_inputs,
+        labels=task.labels,
+        quote=job.answer.quote,
+    )
     ranked = teacher.ranked_indices(split)[: len(samples)]
     answer_scores, records = answer_metrics(
         answers,
