@@ -14,8 +14,9 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from experiments.shapes import smollm2_shaped
 from mint.optim.forward import (
     SIDES,
     answer_logps,
@@ -83,17 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=args.layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    config = smollm2_shaped(args.layers)
     model = get_peft_model(
         LlamaForCausalLM(config).float(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     )

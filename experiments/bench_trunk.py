@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from experiments.shapes import smollm2_shaped
 from mint.optim.forward import packed_logps
 from mint.optim.trunk import TrunkCollator, cached_trunk, top_lora, with_trunk_rows
 from mint.pairs.packed import PackedPreferenceCollator
@@ -43,17 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=args.layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    config = smollm2_shaped(args.layers)
     base = LlamaForCausalLM(config).float()
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     model = get_peft_model(base, top_lora(lora, base, args.top))
