@@ -76,22 +76,9 @@ def _mint(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 class StallOnce(L.Callback):
-    """Test helper: the first run blocks at `at_step` (after a checkpoint exists) until killed;
+    """Test helper: the first run waits at `at_step` (after a checkpoint exists) until it is killed
+    or a SIGTERM has arrived (time.sleep would resume after the signal handler, so it polls);
     a rerun (the marker file exists) passes straight through."""
-
-    def __init__(self, at_step: int, marker: str) -> None:
-        self.at_step = at_step
-        self.marker = Path(marker)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step and not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
-            time.sleep(600)
-
-
-class StallUntilSigterm(L.Callback):
-    """Test helper: the first run waits at `at_step` until a SIGTERM has arrived, then goes on
-    (time.sleep would resume after the signal handler, so it polls); a rerun passes through."""
 
     def __init__(self, at_step: int, marker: str) -> None:
         self.at_step = at_step
@@ -113,9 +100,9 @@ class Notify(L.Callback):
         self.channel = channel
 
 
-def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, stall: str, marker: Path) -> list[str]:
-    """The command line of a 12-step ORPO run (checkpoints every 4 steps) that the callback `stall`
-    holds at step 10; the cache is the session's, where the in-process reference run finds its student."""
+def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, marker: Path) -> list[str]:
+    """The command line of a 12-step ORPO run (checkpoints every 4 steps) that `StallOnce` holds
+    at step 10; the cache is the session's, where the in-process reference run finds its student."""
     return [
         *SMOKE,
         "optim=orpo",
@@ -125,7 +112,7 @@ def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, stall: str, marker:
         f"hydra.run.dir={run_dir}",
         f"paths.log_dir={log_dir}",
         f"paths.cache_dir={cache}",
-        f"+callbacks.stall._target_=tests.test_reliability.{stall}",
+        "+callbacks.stall._target_=tests.test_reliability.StallOnce",
         "+callbacks.stall.at_step=10",
         f"+callbacks.stall.marker={marker}",
     ]
@@ -141,7 +128,7 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     another torch thread count), val/rewards/accuracies and the step count exact.
     """
     run_dir, marker = tmp_path / "run", tmp_path / "stalled"
-    args = _stalling_run(run_dir, tmp_path, shared_cache, "StallOnce", marker)
+    args = _stalling_run(run_dir, tmp_path, shared_cache, marker)
     first_log = tmp_path / "first.log"
     proc = _mint(args, _env(), first_log)
     try:
@@ -451,7 +438,7 @@ def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_a
     """SIGTERM (SLURM's warning before preemption) during step 10 of 12: the run writes last.ckpt
     after that step and exits with status 143, no results.json; resume=true finishes from it."""
     run_dir, marker = tmp_path / "run", tmp_path / "waiting"
-    args = _stalling_run(run_dir, tmp_path, shared_cache, "StallUntilSigterm", marker)
+    args = _stalling_run(run_dir, tmp_path, shared_cache, marker)
     proc = _mint(args, _env(), tmp_path / "first.log")
     try:
         deadline = time.time() + 240
