@@ -1,21 +1,27 @@
 """Does the MINT student beat SFT, RAG, DPO and the untouched base? One command, several seeds.
 
     .venv/bin/python experiments/compare.py task=rare_disease --seeds 1 2 3 [overrides ...]
-    .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3
+    .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --ablations
     .venv/bin/python experiments/compare.py task=rare_disease debug=smoke --seeds 1 2 --methods none rag
+    .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --out DIR --resume   # finish DIR
 
 What it does:
-1. one Hydra sweep `python -m mint.run --multirun seed=S1,S2,.. optim=none,sft,rag,dpo,orpo` in a
-   subprocess (the real CLI; the basic launcher runs the jobs one after another in one process).
-   The stage cache makes it train one teacher and build one preference set per seed, shared by
-   every method of that seed. W&B runs are grouped: group = the sweep name, job_type = method;
-2. one `stage=teacher` sweep over the same seeds with the unimodal teacher (rare_disease: the
-   note only, `teacher.model.modalities=[text]`; tissue: the image tower without descriptions,
-   `teacher.model.contrastive_weight=0`), a reference line beside the multimodal teacher;
-3. reads every run's results.json and writes into the output folder:
+1. one `python -m mint.run` per method and seed (`optim=none,sft,rag,dpo,orpo`), seed by seed,
+   each in its own folder (runs/methods/<method>_seed<S>). The stage cache makes it train one
+   teacher and build one preference set per seed, shared by every method of that seed. W&B
+   runs are grouped: group = the comparison's name, job_type = method;
+2. with `--ablations`, the transfer ablations as extra student rows (ABLATIONS, runs/ablations/):
+   ORPO on pairs ranked by the unimodal teacher, SFT on the true label alone, ORPO with the
+   truth forced into `chosen`, and DPO with an NLL term (rpo_alpha);
+3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
+   `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
+   descriptions or pretraining), a reference line beside the multimodal teacher;
+4. reads every run's results.json and writes into the output folder:
    comparison.md, comparison.csv (per method), comparison_runs.csv (per method and seed),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
+`--resume` finishes a stopped comparison in its --out folder: finished runs (results.json) are
+skipped, an interrupted one continues from its last checkpoint (`resume=true`).
 
 Statistics. Per method: the mean over seeds, the sample standard deviation over seeds and the
 min-max range (seed noise: teacher, preference set, student initialisation and data order all
@@ -61,6 +67,30 @@ UNIMODAL_TEACHER = {
 MULTIMODAL_TEACHER = "teacher (multimodal)"
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """A student row that changes one thing about MINT's training data: does it matter?"""
+
+    row: str  # the table's name for it
+    method: str
+    overrides: tuple[str, ...] = ()
+    unimodal_teacher: bool = False  # pairs ranked by the task's UNIMODAL_TEACHER instead
+
+
+# --ablations: folder slug -> what it runs (issue 15's transfer ablations and the DPO variant).
+ABLATIONS = {
+    # Does the multimodal teacher's extra knowledge reach the student? Same student and method,
+    # pairs ranked by the teacher that sees only what the student sees.
+    "orpo_unimodal": Ablation("orpo, unimodal teacher's pairs", "orpo", unimodal_teacher=True),
+    # No teacher at all: the true label first, the rest in a random order per sample.
+    "sft_truth": Ablation("sft, true label only", "sft", ("task.prefs.ranking=truth",)),
+    # The teacher's lists, with the truth put into `chosen` where the teacher missed it.
+    "orpo_truth": Ablation("orpo, truth forced into chosen", "orpo", ("task.prefs.force_truth=true",)),
+    # DPO with an NLL term on the chosen answer (RPO): the paper's DPO collapsed on tissue.
+    "dpo_rpo": Ablation("dpo + NLL (rpo_alpha=1)", "dpo", ("optim.rpo_alpha=1.0",)),
+}
+
+
 @dataclass
 class RunResult:
     method: str  # an optim name, or a teacher row's name
@@ -78,7 +108,24 @@ def task_name(overrides: list[str]) -> str:
     return names[0]
 
 
-def sweep_commands(
+@dataclass(frozen=True)
+class Job:
+    """One `python -m mint.run` of the comparison, in its own folder."""
+
+    folder: Path
+    overrides: tuple[str, ...]
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / "results.json").is_file()
+
+    def command(self, resume: bool) -> list[str]:
+        # resume=true: an interrupted run continues from its own folder's last checkpoint.
+        again = ["resume=true"] if resume and self.folder.exists() else []
+        return [sys.executable, "-m", "mint.run", *self.overrides, *again, f"hydra.run.dir={self.folder}"]
+
+
+def comparison_jobs(
     *,
     overrides: list[str],
     seeds: list[int],
@@ -87,54 +134,56 @@ def sweep_commands(
     runs_dir: Path,
     unimodal: list[str] | None,
     wandb_mode: str,
-) -> list[list[str]]:
-    """The `mint.run --multirun` command lines: the methods' sweep, then the unimodal teachers'."""
-    seed_list = "seed=" + ",".join(str(s) for s in seeds)
-    # W&B runs grouped by sweep (job_type is the method: conf/logger/wandb.yaml), unless the
-    # caller picked another logger or switched W&B off.
+    ablations: list[str] = (),
+) -> list[Job]:
+    """Every run, seed by seed (a stopped comparison has whole seeds done): the methods in
+    runs_dir/methods/<method>_seed<S>, the ablations in runs_dir/ablations/<slug>_seed<S>, the
+    unimodal teacher (stage=teacher) in runs_dir/unimodal_teacher/seed<S>. Within a seed the
+    stage cache trains one teacher and builds one preference set for all of them."""
+    # W&B runs grouped by comparison (job_type is the method: conf/logger/wandb.yaml), unless
+    # the caller picked another logger or switched W&B off.
     chosen = [o for o in overrides if o.startswith("logger=")]
     wandb: list[str] = []
     if chosen == ["logger=wandb"] or (not chosen and wandb_mode != "disabled"):
         wandb = ([] if chosen else ["logger=wandb"]) + [f"logger.wandb.group={name}"]
         if wandb_mode == "online":
             wandb.append("logger.wandb.offline=false")
-    main = [
-        sys.executable,
-        "-m",
-        "mint.run",
-        "--multirun",
-        seed_list,
-        "optim=" + ",".join(methods),
-        *overrides,
-        *wandb,
-        f"hydra.sweep.dir={runs_dir / 'methods'}",
-        "hydra.sweep.subdir=${optim.method}_seed${seed}",
-    ]
-    commands = [main]
-    if unimodal is not None:
-        commands.append(
-            [
-                sys.executable,
-                "-m",
-                "mint.run",
-                "--multirun",
-                seed_list,
-                "stage=teacher",
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            folder = runs_dir / "methods" / f"{method}_seed{seed}"
+            jobs.append(Job(folder, (f"seed={seed}", f"optim={method}", *overrides, *wandb)))
+        for slug in ablations:
+            ablation = ABLATIONS[slug]
+            if ablation.unimodal_teacher and unimodal is None:
+                raise SystemExit(f"ablation {slug} needs the task's unimodal teacher")
+            teacher = unimodal if ablation.unimodal_teacher else []
+            folder = runs_dir / "ablations" / f"{slug}_seed{seed}"
+            args = (
+                f"seed={seed}",
+                f"optim={ablation.method}",
                 *overrides,
-                *unimodal,
-                f"hydra.sweep.dir={runs_dir / 'unimodal_teacher'}",
-                "hydra.sweep.subdir=seed${seed}",
-            ]
-        )
-    return commands
+                *ablation.overrides,
+                *teacher,
+                *wandb,
+            )
+            jobs.append(Job(folder, args))
+        if unimodal is not None:
+            folder = runs_dir / "unimodal_teacher" / f"seed{seed}"
+            jobs.append(Job(folder, (f"seed={seed}", "stage=teacher", *overrides, *unimodal)))
+    return jobs
 
 
-def run_commands(commands: list[list[str]], wandb_mode: str) -> None:
+def run_jobs(jobs: list[Job], wandb_mode: str, resume: bool) -> None:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["WANDB_MODE"] = wandb_mode
-    for command in commands:
-        print("+", shlex.join(command), flush=True)
+    for i, job in enumerate(jobs, 1):
+        if job.finished:  # only with --resume: a fresh comparison starts in an empty folder
+            print(f"[{i}/{len(jobs)}] done already: {job.folder}", flush=True)
+            continue
+        command = job.command(resume)
+        print(f"[{i}/{len(jobs)}] +", shlex.join(command), flush=True)
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
@@ -175,6 +224,21 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
             )
         teachers.setdefault(seed, teacher)
     runs += [teachers[s] for s in sorted(teachers)]
+    ablations = runs_dir / "ablations"
+    for folder in sorted(p for p in ablations.iterdir() if p.is_dir()) if ablations.is_dir() else []:
+        slug = folder.name.rsplit("_seed", 1)[0]
+        if slug not in ABLATIONS:
+            raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
+        results_file = folder / "results.json"
+        if not results_file.is_file():
+            raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
+        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        results = json.loads(results_file.read_text())
+        runs.append(
+            RunResult(
+                ABLATIONS[slug].row, "student", int(config.seed), _values(results, "test/", METRICS), folder
+            )
+        )
     if unimodal_name is not None:
         for folder in sorted(p for p in (runs_dir / "unimodal_teacher").iterdir() if p.is_dir()):
             config = OmegaConf.load(folder / ".hydra" / "config.yaml")
@@ -382,9 +446,24 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
+        "--ablations",
+        nargs="*",
+        choices=list(ABLATIONS),
+        default=None,
+        help="extra student rows (alone: all of them): "
+        + ", ".join(f"{k} = {a.row}" for k, a in ABLATIONS.items()),
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default outputs/comparisons/<name>)"
     )
-    parser.add_argument("--name", default=None, help="sweep name = W&B group (default compare-<task>-<time>)")
+    parser.add_argument(
+        "--name", default=None, help="comparison name = W&B group (default compare-<task>-<time>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the comparison in --out: skip finished runs, resume interrupted ones",
+    )
     parser.add_argument(
         "--no-unimodal-teacher", action="store_true", help="skip the unimodal teacher's reference row"
     )
@@ -393,15 +472,21 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--wandb-project", default="mint")
     args = parser.parse_args(argv)
+    # `--ablations` alone: all of them; absent: none.
+    args.ablations = list(ABLATIONS) if args.ablations == [] else args.ablations or []
 
     task = task_name(args.overrides)
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
         raise SystemExit("--seeds and --methods must not repeat a value")
+    if args.resume and args.out is None and args.name is None:
+        raise SystemExit("--resume needs the --out (or --name) of the comparison to finish")
     name = args.name or f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = (args.out or ROOT / "outputs" / "comparisons" / name).resolve()
     runs_dir = out_dir / "runs"
-    if runs_dir.exists():
-        raise SystemExit(f"{runs_dir} exists: pick another --out or --name (results are never mixed)")
+    if runs_dir.exists() and not args.resume:
+        raise SystemExit(
+            f"{runs_dir} exists: pass --resume to finish that comparison, or pick another --out or --name"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     unimodal_name, unimodal = (None, None)
     if not args.no_unimodal_teacher:
@@ -410,7 +495,7 @@ def main(argv: list[str] | None = None) -> Path:
         unimodal_name, unimodal = UNIMODAL_TEACHER[task]
 
     started = time.time()
-    commands = sweep_commands(
+    jobs = comparison_jobs(
         overrides=args.overrides,
         seeds=args.seeds,
         methods=args.methods,
@@ -418,12 +503,19 @@ def main(argv: list[str] | None = None) -> Path:
         runs_dir=runs_dir,
         unimodal=unimodal,
         wandb_mode=args.wandb,
+        ablations=args.ablations,
     )
-    run_commands(commands, args.wandb)
+    run_jobs(jobs, args.wandb, args.resume)
     runs = collect(runs_dir, unimodal_name)
-    order = args.methods + [MULTIMODAL_TEACHER] + ([unimodal_name] if unimodal_name else [])
+    order = (
+        args.methods
+        + [ABLATIONS[slug].row for slug in args.ablations]
+        + [MULTIMODAL_TEACHER]
+        + ([unimodal_name] if unimodal_name else [])
+    )
     shown_command = "python experiments/compare.py " + shlex.join(
         [*args.overrides, "--seeds", *map(str, args.seeds), "--methods", *args.methods]
+        + (["--ablations", *args.ablations] if args.ablations else [])
     )
     summary = write_report(out_dir, task, runs, order, shown_command)
     (out_dir / "sweep.json").write_text(
@@ -433,8 +525,9 @@ def main(argv: list[str] | None = None) -> Path:
                 "task": task,
                 "seeds": args.seeds,
                 "methods": args.methods,
+                "ablations": args.ablations,
                 "overrides": args.overrides,
-                "commands": commands,
+                "commands": [job.command(resume=False) for job in jobs],
                 "wall_s": round(time.time() - started, 1),
             },
             indent=2,

@@ -135,6 +135,9 @@ class PrefsConfig:
     # bottom: the teacher's least likely (the paper); hard: ranks k+1..k+q
     negatives: str = chosen_from("bottom", "bottom", "hard")
     force_truth: bool = False  # put the true label into `chosen` when the teacher missed it
+    # teacher: lists ordered by the teacher (MINT); truth: the true label first, the rest in a
+    # random order per sample - the teacher-free ablation ("SFT on the true label alone")
+    ranking: str = chosen_from("teacher", "teacher", "truth")
 
 
 @dataclass
@@ -174,7 +177,23 @@ class PipelineTaskConfig:
 
 
 @dataclass
+class TeacherPretrainConfig:
+    """Contrastive pretraining of the teacher's tower on an image-caption corpus (as PLIP was
+    made; mint/teacher/pretrain.py), before it meets the task. One cache entry serves every
+    run seed and method: `seed` here is the pretraining's own."""
+
+    corpus: Any = MISSING  # `_target_` node returning the corpus TaskData (train + val)
+    zero_shot: bool = False  # true: use the pretrained tower as is; false: fine-tune it on the task
+    batch_size: int = bounded(128, ge=2)  # contrastive batches: more negatives per step
+    lr: float = bounded(2e-3, gt=0)  # pretraining's; teacher.model.lr is the fine-tuning's
+    max_epochs: int = bounded(20, ge=1)
+    patience: int = bounded(4, ge=1)  # early stopping on zero-shot MRR over the corpus val part
+    seed: int = 0
+
+
+@dataclass
 class TeacherConfig:
+    pretrain: TeacherPretrainConfig | None = None  # null: the teacher learns from the task alone
     model: Any = MISSING  # `_partial_` node: called with the TaskData, returns the teacher LightningModule
     # cross-fitting folds for out-of-fold training rankings (1: in-sample, debugging only)
     folds: int = bounded(5, ge=1)

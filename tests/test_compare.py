@@ -127,8 +127,8 @@ def test_an_unfinished_run_is_named_not_skipped(tmp_path):
         compare.collect(tmp_path, None)
 
 
-def test_the_sweep_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal_teacher(tmp_path):
-    main, teacher = compare.sweep_commands(
+def test_the_comparison_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal_teacher(tmp_path):
+    jobs = compare.comparison_jobs(
         overrides=["task=rare_disease", "trainer.max_steps=50"],
         seeds=[1, 2, 3],
         methods=list(compare.METHODS),
@@ -137,19 +137,24 @@ def test_the_sweep_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal
         unimodal=["teacher.model.modalities=[text]"],
         wandb_mode="offline",
     )
-    assert main[1:4] == ["-m", "mint.run", "--multirun"]
-    assert {"seed=1,2,3", "optim=none,sft,rag,dpo,orpo", "trainer.max_steps=50"} <= set(main)
-    assert {
-        "logger=wandb",
-        "logger.wandb.group=cmp",
-        "hydra.sweep.subdir=${optim.method}_seed${seed}",
-    } <= set(main)
-    assert f"hydra.sweep.dir={tmp_path / 'methods'}" in main
-    assert {"stage=teacher", "seed=1,2,3", "teacher.model.modalities=[text]"} <= set(teacher)
-    assert not any(a.startswith("optim=") for a in teacher)
+    folders = [job.folder.relative_to(tmp_path).as_posix() for job in jobs]
+    expected = [
+        *(f"methods/{method}_seed{seed}" for seed in (1, 2, 3) for method in compare.METHODS),
+        *(f"unimodal_teacher/seed{seed}" for seed in (1, 2, 3)),
+    ]
+    assert sorted(folders) == sorted(expected)
+    main = next(job for job in jobs if job.folder.name == "dpo_seed2")
+    command = main.command(resume=False)
+    assert command[1:3] == ["-m", "mint.run"] and command[-1] == f"hydra.run.dir={main.folder}"
+    assert {"seed=2", "optim=dpo", "trainer.max_steps=50", "logger=wandb", "logger.wandb.group=cmp"} <= set(
+        command
+    )
+    teacher = next(job for job in jobs if job.folder.name == "seed1")
+    assert {"stage=teacher", "seed=1", "teacher.model.modalities=[text]"} <= set(teacher.overrides)
+    assert not any(a.startswith("optim=") for a in teacher.overrides)
 
     # Another logger chosen, or W&B off: no W&B keys that would not exist in that config.
-    (quiet,) = compare.sweep_commands(
+    (quiet,) = compare.comparison_jobs(
         overrides=["task=tissue", "logger=csv"],
         seeds=[1],
         methods=["none"],
@@ -158,14 +163,14 @@ def test_the_sweep_runs_every_method_per_seed_grouped_in_wandb_plus_the_unimodal
         unimodal=None,
         wandb_mode="offline",
     )
-    assert not any(a.startswith("logger.wandb") or a == "logger=wandb" for a in quiet)
+    assert not any(a.startswith("logger.wandb") or a == "logger=wandb" for a in quiet.overrides)
     with pytest.raises(SystemExit, match="task="):
         compare.task_name(["debug=smoke"])
 
 
 @pytest.mark.slow
 def test_the_comparison_command_end_to_end_on_the_smoke_config(tmp_path):
-    """The real command: two `mint.run --multirun` subprocesses, then the report (about 2 minutes here)."""
+    """The real command: one `mint.run` subprocess per run, then the report (about 2 minutes here)."""
     methods, seeds = ["none", "rag"], [1, 2]
     out = compare.main(
         [

@@ -65,3 +65,26 @@ def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):
 def test_wrong_score_shape_is_refused():
     with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \(4, 8\)"):
         build_preference_rows(_task(), np.zeros((4, 3)), answer=FMT, prompt=PROMPT, q=2)
+
+
+def test_truth_ranking_ignores_the_teacher_and_puts_the_truth_first():
+    """The teacher-free ablation: the same rows whatever the teacher scored, truth first,
+    the rest shuffled per sample (not one fixed list for everyone), never the truth rejected."""
+    task = _task(n_train=8)
+    rng = np.random.default_rng(0)
+    built = [
+        build_preference_rows(
+            task, rng.normal(size=(8, len(LABELS))), answer=FMT, prompt=PROMPT, q=2, ranking="truth"
+        )
+        for _ in range(2)
+    ]
+    assert built[0] == built[1]
+    rows = built[0]
+    for row in rows:
+        assert row["chosen"][0]["content"].splitlines()[1] == f"1. '{row['truth']}'"
+        assert row["truth"] not in row["rejected"][0]["content"]
+    assert len({row["chosen"][0]["content"].split("\n", 2)[2] for row in rows}) > 1
+    with pytest.raises(ValueError, match="task.prefs.ranking='oracle'"):
+        build_preference_rows(
+            task, np.zeros((8, len(LABELS))), answer=FMT, prompt=PROMPT, q=2, ranking="oracle"
+        )

@@ -20,9 +20,11 @@ from typing import Any, Literal
 import numpy as np
 
 from mint.data.task_data import Sample, TaskData
+from mint.files import sha256_hex
 from mint.prefs.formats import AnswerFormat
 
 Negatives = Literal["bottom", "hard"]
+Ranking = Literal["teacher", "truth"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,14 @@ def choose_labels(
     return chosen, rejected
 
 
+def truth_first_order(sample: Sample, n_labels: int) -> list[int]:
+    """The true label, then every other label in a random order of this sample's own (seeded by
+    its id): a ranking that carries the label and nothing a teacher knows."""
+    rng = np.random.default_rng(int(sha256_hex(sample.id)[:16], 16))
+    others = [label for label in range(n_labels) if label != sample.label]
+    return [sample.label] + rng.permutation(others).tolist()
+
+
 def build_preference_rows(
     task: TaskData,
     train_scores: np.ndarray,
@@ -75,12 +85,16 @@ def build_preference_rows(
     q: int,
     negatives: Negatives = "bottom",
     force_truth: bool = False,
+    ranking: Ranking = "teacher",
 ) -> list[dict[str, Any]]:
     """One conversational preference row per training sample, in task.splits['train'] order.
 
     `prompt(sample)` is the prompt as the student reads it (the student kind renders the
     template: mint/student/kinds.py); an image student's rows get their images attached after.
+    `ranking="truth"` ignores the teacher: `truth_first_order` (the teacher-free ablation).
     """
+    if ranking not in ("teacher", "truth"):
+        raise ValueError(f"task.prefs.ranking={ranking!r}: expected 'teacher' or 'truth'")
     samples = task.splits["train"]
     if train_scores.shape != (len(samples), len(task.labels)):
         raise ValueError(
@@ -89,7 +103,10 @@ def build_preference_rows(
     rejected_format = dataclasses.replace(answer, n=q)
     rows = []
     for sample, scores in zip(samples, train_scores, strict=True):
-        order = np.argsort(-scores, kind="stable").tolist()
+        if ranking == "truth":
+            order = truth_first_order(sample, len(task.labels))
+        else:
+            order = np.argsort(-scores, kind="stable").tolist()
         chosen, rejected = choose_labels(
             order, sample.label, k=answer.n, q=q, negatives=negatives, force_truth=force_truth
         )

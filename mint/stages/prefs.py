@@ -63,6 +63,7 @@ def prefs_stage(
             q=t.prefs.q,
             negatives=t.prefs.negatives,
             force_truth=t.prefs.force_truth,
+            ranking=t.prefs.ranking,
         )
 
     def make(folder: Path) -> None:

@@ -8,6 +8,8 @@ the data's fingerprint, the teacher config, the list length and the seed. A swee
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ from omegaconf import DictConfig
 from mint.cache import cached, config_key
 from mint.config import plain
 from mint.data.task_data import TaskData
+from mint.data.tissue_corpus import check_corpus_disjoint
 from mint.teacher.crossfit import TeacherResult, fit_teacher
+from mint.teacher.pretrain import CHECKPOINT, pretrain_teacher
+
+# Teacher settings that do not change the pretrained tower: pretraining fixes both loss weights
+# and has its own learning rate, and where MiniLM embeddings are cached changes no number.
+NOT_PRETRAINING_KEYS = {"contrastive_weight", "class_weight", "lr", "embed_cache_dir"}
 
 
 def is_pipeline_task(task: DictConfig) -> bool:
@@ -56,11 +64,19 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
         )
     teacher, k, seed = cfg.teacher, cfg.task.answer.n, cfg.seed
     key: dict[str, Any] = {"data": task.fingerprint(), "teacher": plain(teacher), "k": k, "seed": seed}
+    make_teacher = instantiate(teacher.model, _convert_="all")
+    pretrain_metrics: dict[str, float] = {}
+    if teacher.pretrain is not None:
+        pretrained = pretrain_stage(cfg, task)
+        pretrain_metrics = json.loads((pretrained.parent / "metrics.json").read_text())
+        make_teacher = partial(
+            make_teacher, init_from=str(pretrained), finetune=not teacher.pretrain.zero_shot
+        )
 
     def make(folder: Path) -> None:
         fit_teacher(
             task,
-            make_teacher=instantiate(teacher.model, _convert_="all"),
+            make_teacher=make_teacher,
             trainer_kwargs=plain(teacher.trainer),
             batch_size=teacher.batch_size,
             folds=teacher.folds,
@@ -72,4 +88,34 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
         )
 
     entry = cached(Path(cfg.paths.cache_dir), "teacher", key, make)
-    return TeacherResult.load(entry / "teacher"), config_key(key)
+    result = TeacherResult.load(entry / "teacher")
+    result.metrics |= pretrain_metrics
+    return result, config_key(key)
+
+
+def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
+    """The teacher's tower pretrained on its caption corpus (cached), after checking that the
+    corpus holds no sample of the task. Keyed by the corpus, the tower and the pretraining
+    settings, not by the run seed or the task: every seed and method shares one."""
+    pre = cfg.teacher.pretrain
+    corpus = instantiate(pre.corpus, _convert_="all")
+    check_corpus_disjoint(corpus, task)
+    model = {
+        name: value for name, value in plain(cfg.teacher.model).items() if name not in NOT_PRETRAINING_KEYS
+    }
+    key = {"corpus": corpus.fingerprint(), "model": model, "pretrain": plain(pre), "k": cfg.task.answer.n}
+
+    def make(folder: Path) -> None:
+        pretrain_teacher(
+            corpus,
+            make_teacher=partial(instantiate(cfg.teacher.model, _convert_="all"), lr=pre.lr),
+            trainer_kwargs=plain(cfg.teacher.trainer) | {"max_epochs": pre.max_epochs},
+            batch_size=pre.batch_size,
+            k=cfg.task.answer.n,
+            patience=pre.patience,
+            seed=pre.seed,
+            out_dir=folder,
+            fit_threads=cfg.teacher.fit_threads,
+        )
+
+    return cached(Path(cfg.paths.cache_dir), "teacher_pretrain", key, make) / CHECKPOINT

@@ -28,7 +28,7 @@ from transformers import AutoConfig, CLIPModel, CLIPProcessor
 
 from mint.data.task_data import Sample, TaskData
 from mint.sentence_encoder import default_model_dir, embed_frozen
-from mint.teacher.crossfit import DictDataset, TeacherModule, adamw_cosine
+from mint.teacher.crossfit import DictDataset, TeacherModule, adamw_cosine, load_state_dict
 from mint.teacher.fusion import image_tensor
 
 PROMPT_TEMPLATE = "An H&E image of {label} tissue nuclei."
@@ -78,11 +78,15 @@ class ClipTeacher(TeacherModule):
         dropout: float = 0.1,
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
+        init_from: str | None = None,
+        finetune: bool = True,
     ) -> None:
         """`backbone_kwargs` go to timm.create_model (e.g. `channels` to narrow a ResNet for CPUs).
 
         `contrastive_weight=0` drops the descriptions entirely: the image-only baseline.
         `temperature` is the initial value of the learned one.
+        `init_from`: a checkpoint of the same architecture to start from (the pretrained tower of
+        mint.teacher.pretrain); `finetune=False` then uses it zero-shot, untrained.
         """
         super().__init__()
         if contrastive_weight < 0 or class_weight < 0 or contrastive_weight + class_weight == 0:
@@ -113,6 +117,11 @@ class ClipTeacher(TeacherModule):
             embed_frozen(prompts, self.text_model_dir, text_max_length, progress=False),
             persistent=False,
         )
+        if init_from is not None:
+            self.load_state_dict(load_state_dict(Path(init_from)))
+        elif not finetune:
+            raise ValueError("finetune=False (zero-shot) needs init_from: a random tower knows nothing")
+        self.requires_grad_(finetune)
 
     def make_dataset(self, samples: Sequence[Sample]) -> DictDataset:
         hp = self.hparams
@@ -150,8 +159,10 @@ class ClipTeacher(TeacherModule):
         """Label logits [B, C] from `batch["image"]` alone."""
         return self._logits(self.cnn(batch["image"]))[1]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
+        if not hp.finetune:
+            return None  # zero-shot: nothing to train; Lightning skips the step
         images = augment_images(batch["image"]) if hp.augment else batch["image"]
         image, logits = self._logits(self.cnn(images))
         labels = batch["label"]
@@ -170,7 +181,9 @@ class ClipTeacher(TeacherModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        if not self.hparams.finetune:
+            return None  # zero-shot: Lightning runs the (empty) fit without an optimizer
         return adamw_cosine(self, self.parameters(), self.hparams.lr, self.hparams.weight_decay)
 
 

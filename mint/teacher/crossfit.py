@@ -201,7 +201,7 @@ class _FoldBar(Callback):
 
 
 @contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Silence the per-Trainer banner and the few-workers warnings: the stage builds up to 6 Trainers."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
@@ -215,7 +215,7 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _FitSpec:
+class FitSpec:
     make_teacher: Callable[[TaskData], TeacherModule]
     trainer_kwargs: dict[str, Any]
     batch_size: int
@@ -239,8 +239,8 @@ def load_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return checkpoint["state_dict"]
 
 
-def _fit(
-    spec: _FitSpec, task: TaskData, train: Dataset, val: Dataset, *, seed: int, ckpt_dir: Path, desc: str
+def fit_one(
+    spec: FitSpec, task: TaskData, train: Dataset, val: Dataset, *, seed: int, ckpt_dir: Path, desc: str
 ) -> tuple[TeacherModule, L.Trainer, Path]:
     """Fit a fresh teacher on `train`, early-stopped on `val`, and restore its best epoch."""
     L.seed_everything(seed, workers=True, verbose=False)
@@ -289,7 +289,7 @@ def _predict(
 
 
 def _crossfit(
-    spec: _FitSpec,
+    spec: FitSpec,
     task: TaskData,
     data: dict[str, Dataset],
     train_labels: list[int],
@@ -307,7 +307,7 @@ def _crossfit(
         log.info(
             "teacher: cross-fit fold %d/%d (fit %d, score %d)", fold + 1, folds, len(kept), len(held_out)
         )
-        teacher, trainer, _ = _fit(
+        teacher, trainer, _ = fit_one(
             spec,
             task,
             Subset(data["train"], kept.tolist()),
@@ -323,7 +323,7 @@ def _crossfit(
 
 
 @contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
@@ -369,21 +369,21 @@ def fit_teacher(
             f"teacher stage on {task.name!r} needs train and val samples (val drives early stopping)"
         )
     started = time.perf_counter()
-    spec = _FitSpec(make_teacher, dict(trainer_kwargs), batch_size, k, patience, monitor)
+    spec = FitSpec(make_teacher, dict(trainer_kwargs), batch_size, k, patience, monitor)
     n_labels = len(task.labels)
 
     def make(tmp: Path) -> None:
-        with _quiet_lightning():
+        with quiet_lightning():
             clock = time.perf_counter()
             featurizer = make_teacher(task)
             data = {split: featurizer.make_dataset(task.splits[split]) for split in SPLITS}
             del featurizer
             timings = {"featurize_s": time.perf_counter() - clock}
 
-            with _torch_threads(fit_threads):
+            with torch_threads(fit_threads):
                 clock = time.perf_counter()
                 log.info("teacher: fitting on all %d training samples", len(data["train"]))
-                teacher, trainer, best = _fit(
+                teacher, trainer, best = fit_one(
                     spec,
                     task,
                     data["train"],

@@ -1,0 +1,119 @@
+"""experiments/compare.py's transfer ablations and --resume: which runs they make, that each
+ablation's overrides reach the training data, and that a resumed comparison skips finished runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mint.stages.prefs import prefs_stage
+from mint.stages.teacher import load_task, teacher_stage
+from mint.student.kinds import student_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_compare()
+
+SMOKE = ("task=rare_disease", "debug=smoke")
+UNIMODAL = compare.UNIMODAL_TEACHER["rare_disease"][1]
+
+
+def jobs(runs_dir: Path, ablations: list[str]) -> list:
+    return compare.comparison_jobs(
+        overrides=["task=rare_disease"],
+        seeds=[1, 2],
+        methods=["sft", "orpo"],
+        name="cmp",
+        runs_dir=runs_dir,
+        unimodal=UNIMODAL,
+        wandb_mode="disabled",
+        ablations=ablations,
+    )
+
+
+def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
+    made = jobs(tmp_path, list(compare.ABLATIONS))
+    by_folder = {job.folder.relative_to(tmp_path).as_posix(): set(job.overrides) for job in made}
+    assert len(made) == 2 * (2 + len(compare.ABLATIONS) + 1)  # methods, ablations, unimodal teacher
+    assert {"seed=2", "optim=orpo", *UNIMODAL} <= by_folder["ablations/orpo_unimodal_seed2"]
+    assert {"optim=sft", "task.prefs.ranking=truth"} <= by_folder["ablations/sft_truth_seed1"]
+    assert {"optim=orpo", "task.prefs.force_truth=true"} <= by_folder["ablations/orpo_truth_seed1"]
+    assert {"optim=dpo", "optim.rpo_alpha=1.0"} <= by_folder["ablations/dpo_rpo_seed2"]
+    assert not set(UNIMODAL) & by_folder["methods/orpo_seed1"]  # MINT itself: the multimodal teacher
+    assert {"stage=teacher", *UNIMODAL} <= by_folder["unimodal_teacher/seed1"]
+    # Seed by seed: a stopped comparison has whole seeds done.
+    assert [job.overrides[0] for job in made] == ["seed=1"] * 7 + ["seed=2"] * 7
+
+
+def test_resume_skips_finished_runs_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
+    made = jobs(tmp_path, ["sft_truth"])
+    finished, interrupted = made[0], made[1]
+    finished.folder.mkdir(parents=True)
+    (finished.folder / "results.json").write_text("{}")
+    interrupted.folder.mkdir(parents=True)  # started, no results.json: killed mid-run
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: ran.append(command))
+    compare.run_jobs(made, "disabled", resume=True)
+    folders = [next(a for a in command if a.startswith("hydra.run.dir=")) for command in ran]
+    assert f"hydra.run.dir={finished.folder}" not in folders
+    assert len(ran) == len(made) - 1
+    assert "resume=true" in ran[0] and ran[0][-1] == f"hydra.run.dir={interrupted.folder}"
+    assert "resume=true" not in ran[1]  # never started: a fresh run
+
+
+def test_a_fresh_comparison_refuses_an_existing_folder_and_resume_needs_one(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit, match="--resume"):
+        compare.main(["task=rare_disease", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs the --out"):
+        compare.main(["task=rare_disease", "--resume"])
+
+
+def test_ablation_rows_are_collected_under_their_names(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for folder, seed, top1 in (("methods/sft_seed1", 1, 0.5), ("ablations/sft_truth_seed1", 1, 0.25)):
+        path = runs_dir / folder
+        (path / ".hydra").mkdir(parents=True)
+        OmegaConf.save({"seed": seed, "optim": {"method": "sft"}}, path / ".hydra" / "config.yaml")
+        (path / "results.json").write_text(json.dumps({"test/top1": top1, "teacher/test/top1": 0.7}))
+    runs = {run.method: run for run in compare.collect(runs_dir, None)}
+    assert runs["sft"].values["top1"] == 0.5
+    assert runs[compare.ABLATIONS["sft_truth"].row].values["top1"] == 0.25
+    assert runs[compare.ABLATIONS["sft_truth"].row].kind == "student"
+
+
+@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth"])
+def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
+    """At smoke size, through the real stages: the ablation's overrides change the rows."""
+    cfg = make_cfg(*SMOKE, *compare.ABLATIONS[ablation].overrides)
+    kind = student_kind(
+        task_name=cfg.task.name,
+        task_modality=cfg.task.student_modality,
+        student_name=cfg.student.name,
+        student_modality=cfg.student.modality,
+    )
+    task = load_task(cfg.task)
+    teacher, key = teacher_stage(cfg, task)
+    rows, _ = prefs_stage(cfg, kind, task, teacher, key)
+    first = [row["chosen"][0]["content"].splitlines()[1] for row in rows.train]
+    truth_first = [line == f"1. '{row['truth']}'" for line, row in zip(first, rows.train, strict=True)]
+    in_chosen = [row["truth"] in row["chosen"][0]["content"] for row in rows.train]
+    if ablation == "sft_truth":
+        assert all(truth_first)
+    else:
+        assert all(in_chosen) and not all(truth_first)  # the teacher's order, the truth added
