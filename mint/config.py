@@ -182,13 +182,15 @@ class TeacherPretrainConfig:
     made; mint/teacher/pretrain.py), before it meets the task. One cache entry serves every
     run seed and method: `seed` here is the pretraining's own."""
 
-    corpus: Any = MISSING  # `_target_` node returning the corpus TaskData (train + val)
+    # `_target_` node returning the corpus TaskData (train + val); called with train_per_tissue
+    corpus: Any = MISSING
+    scale: float = bounded(10.0, gt=0)  # corpus training images per task training image
     zero_shot: bool = False  # true: use the pretrained tower as is; false: fine-tune it on the task
     batch_size: int = bounded(128, ge=2)  # contrastive batches: more negatives per step
     lr: float = bounded(2e-3, gt=0)  # pretraining's; teacher.model.lr is the fine-tuning's
-    max_epochs: int = bounded(20, ge=1)
-    patience: int = bounded(4, ge=1)  # early stopping on zero-shot MRR over the corpus val part
     seed: int = 0
+    # Epochs and early stopping (on zero-shot MRR over the corpus val part) follow
+    # teacher.trainer.max_epochs and teacher.patience.
 
 
 @dataclass

@@ -3,8 +3,8 @@ the pretrained tower is cached once, starts the task teacher, and zero-shot it i
 
 from __future__ import annotations
 
+import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +17,8 @@ from mint.stages.teacher import load_task, teacher_stage
 from mint.teacher.clip import ClipTeacher
 from mint.teacher.crossfit import load_state_dict
 
-SMALL = {"n_per_tissue": 6, "image_size": 32}
+SMALL = {"train_per_tissue": 5, "image_size": 32}
+TASK = {"n_per_tissue": 6, "image_size": 32}
 # Small enough for a test: 6 captioned patches per tissue, 2 epochs, the smoke task.
 PRETRAIN_OVERRIDES = (
     "task=tissue",
@@ -25,8 +26,7 @@ PRETRAIN_OVERRIDES = (
     "debug=smoke",
     "stage=teacher",
     "task.source.n_per_tissue=6",
-    "teacher.pretrain.corpus.n_per_tissue=6",
-    "teacher.pretrain.max_epochs=2",
+    "teacher.pretrain.scale=1.5",
     "teacher.trainer.max_epochs=2",
 )
 
@@ -54,57 +54,54 @@ def test_corpus_is_deterministic_and_has_no_test_split() -> None:
 def test_corpus_pixels_are_the_simulators_under_the_corpus_seed() -> None:
     """Same simulator, own seed: the corpus with the task's seed would be the task's images."""
     corpus = simulate_tissue_corpus(seed=0, **SMALL)
-    task = simulate_tissue(seed=0, **SMALL)
+    task = simulate_tissue(seed=0, **TASK)
     task_digests = {image_digest(s) for split in SPLITS for s in task.splits[split]}
     corpus_digests = {image_digest(s) for split in SPLITS for s in corpus.splits[split]}
     assert corpus_digests == task_digests
 
 
 def test_a_corpus_sharing_a_task_image_is_refused_naming_the_split_and_key() -> None:
-    task = simulate_tissue(seed=0, **SMALL)
+    task = simulate_tissue(seed=0, **TASK)
     check_corpus_disjoint(simulate_tissue_corpus(seed=1000, **SMALL), task)  # disjoint: passes
     with pytest.raises(LeakageError, match=r"tissue (train|val|test) sample .*teacher\.pretrain\.corpus"):
         check_corpus_disjoint(simulate_tissue_corpus(seed=0, **SMALL), task)
 
 
 def test_the_stage_refuses_a_corpus_drawn_with_the_tasks_seed(make_cfg) -> None:
-    cfg = make_cfg(*PRETRAIN_OVERRIDES, "teacher.pretrain.corpus.seed=0")
+    # scale 1.25: 5 training + 1 val patches per tissue, the task's 6 per tissue under its seed.
+    cfg = make_cfg(*PRETRAIN_OVERRIDES, "teacher.pretrain.corpus.seed=0", "teacher.pretrain.scale=1.25")
     with pytest.raises(LeakageError, match="is tissue (train|val|test) sample"):
         teacher_stage(cfg, load_task(cfg.task))
 
 
 def test_pretraining_is_cached_once_for_all_seeds_and_starts_the_task_teacher(make_cfg, tmp_path) -> None:
-    """Two run seeds, one pretrained tower (its own cache entry); zero-shot, the task teacher's
-    weights are the pretrained ones, untouched, and its metrics carry the pretraining's."""
+    """Two run seeds, zero-shot and fine-tuned: one pretrained tower (its own cache entry).
+    Zero-shot, the task teacher's weights are the pretrained ones, untouched, and its metrics
+    carry the pretraining's; fine-tuned, they start there and move."""
     cache = tmp_path / "private_cache"
     results = []
-    for seed in (1, 2):
-        cfg = make_cfg(*PRETRAIN_OVERRIDES, f"seed={seed}", "teacher.pretrain.zero_shot=true")
+    for seed, zero_shot in ((1, "true"), (2, "true"), (2, "false")):
+        cfg = make_cfg(*PRETRAIN_OVERRIDES, f"seed={seed}", f"teacher.pretrain.zero_shot={zero_shot}")
         cfg.paths.cache_dir = str(cache)
-        results.append(teacher_stage(cfg, load_task(cfg.task))[0])
-    (entry,) = (cache / "teacher_pretrain").iterdir()
-    assert len(list((cache / "teacher").iterdir())) == 2
+        task = load_task(cfg.task)
+        results.append(teacher_stage(cfg, task)[0])
+    # scale=1.5: 1.5 corpus training images per task training image, rounded up per tissue
+    per_tissue = math.ceil(1.5 * len(task.splits["train"]) / len(TISSUES))
+    (entry,) = (cache / "teacher_pretrain").iterdir()  # zero-shot or fine-tuned: one tower
+    assert len(list((cache / "teacher").iterdir())) == 3
     pretrained = load_state_dict(entry / "pretrained.ckpt")
-    for result in results:
+    tuned = load_state_dict(results[2].checkpoint)
+    moved = [name for name in pretrained if not torch.equal(tuned[name], pretrained[name])]
+    assert any(name.startswith("cnn.") for name in moved)  # fine-tuning starts there and moves
+    for result in results[:2]:
         weights = load_state_dict(result.checkpoint)
         assert weights.keys() == pretrained.keys()
         assert all(torch.equal(weights[name], pretrained[name]) for name in pretrained)
-        assert result.metrics["teacher/pretrain/images"] == 6 * len(TISSUES) - len(TISSUES)
+        assert result.metrics["teacher/pretrain/images"] == per_tissue * len(TISSUES)
         assert 0.0 <= result.metrics["teacher/pretrain/top1"] <= 1.0
 
 
-def test_fine_tuning_moves_the_pretrained_weights(make_cfg, tmp_path) -> None:
-    cfg = make_cfg(*PRETRAIN_OVERRIDES)
-    cfg.paths.cache_dir = str(tmp_path / "private_cache")
-    result, _ = teacher_stage(cfg, load_task(cfg.task))
-    (entry,) = (Path(cfg.paths.cache_dir) / "teacher_pretrain").iterdir()
-    pretrained = load_state_dict(entry / "pretrained.ckpt")
-    tuned = load_state_dict(result.checkpoint)
-    moved = [name for name in pretrained if not torch.equal(tuned[name], pretrained[name])]
-    assert any(name.startswith("cnn.") for name in moved)
-
-
 def test_zero_shot_without_a_pretrained_tower_is_refused() -> None:
-    task = simulate_tissue(seed=0, **SMALL)
+    task = simulate_tissue(seed=0, **TASK)
     with pytest.raises(ValueError, match="init_from"):
         ClipTeacher(labels=task.labels, image_backbone="resnet10t", finetune=False)

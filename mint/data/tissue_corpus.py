@@ -62,24 +62,24 @@ def caption(tissue: str, description: str, rng: np.random.Generator) -> str:
 
 
 def simulate_tissue_corpus(
-    *, n_per_tissue: int = 400, image_size: int = 64, seed: int = 1000, val_fraction: float = 0.1
+    *, train_per_tissue: int = 360, val_per_tissue: int | None = None, image_size: int = 64, seed: int = 1000
 ) -> TaskData:
-    """`n_per_tissue` captioned patches per tissue, split into train and val (no test).
-
-    The val part only decides when pretraining stops (zero-shot top-k on it); the task's own
-    splits are never seen. Deterministic for a seed; use a seed no task uses.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    """Captioned patches: `train_per_tissue` to train on and `val_per_tissue` (default a tenth of
+    the corpus, at least 1) that only decide when pretraining stops (zero-shot, on the tissue
+    prompts). No test split; the task's own splits are never seen. Deterministic for a seed;
+    use a seed no task uses."""
+    val = max(1, round(train_per_tissue / 9)) if val_per_tissue is None else val_per_tissue
+    if train_per_tissue < 1 or val < 1:
+        raise ValueError(f"train_per_tissue={train_per_tissue} and val_per_tissue={val} must be >= 1")
+    total = train_per_tissue + val
     drawn = simulate_tissue(
-        n_per_tissue=n_per_tissue,
+        n_per_tissue=total,
         image_size=image_size,
         seed=seed,
-        split_fractions=(1 - val_fraction, val_fraction, 0.0),
+        split_fractions=(train_per_tissue / total, val / total, 0.0),
     )
-    rng = np.random.default_rng(
-        np.random.SeedSequence(seed).spawn(5)[4]
-    )  # its own stream: the pixels do not move
+    # Its own stream for the wording: the pixels do not move when the captions change.
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[4])
     splits: dict[str, list[Sample]] = {}
     for split, samples in drawn.splits.items():
         splits[split] = [

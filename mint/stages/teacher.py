@@ -4,11 +4,14 @@ The teacher's entry in the stage cache (mint.cache) is keyed by exactly what det
 the data's fingerprint, the teacher config, the list length and the seed. A sweep over
 `optim=` therefore trains one teacher. Its training rankings are out-of-fold
 (mint.teacher.crossfit): ranked in-sample, the teacher is always right.
+A teacher with `pretrain` (teacher=clip_pretrained) first has its tower pretrained on a
+caption corpus (mint.teacher.pretrain), in an entry of its own that every seed shares.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -98,21 +101,30 @@ def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
     corpus holds no sample of the task. Keyed by the corpus, the tower and the pretraining
     settings, not by the run seed or the task: every seed and method shares one."""
     pre = cfg.teacher.pretrain
-    corpus = instantiate(pre.corpus, _convert_="all")
+    per_label = math.ceil(pre.scale * len(task.splits["train"]) / len(task.labels))
+    corpus = instantiate(pre.corpus, train_per_tissue=per_label, _convert_="all")
     check_corpus_disjoint(corpus, task)
     model = {
         name: value for name, value in plain(cfg.teacher.model).items() if name not in NOT_PRETRAINING_KEYS
     }
-    key = {"corpus": corpus.fingerprint(), "model": model, "pretrain": plain(pre), "k": cfg.task.answer.n}
+    # zero_shot decides what happens after pretraining, not the tower: not part of the key.
+    settings = {name: value for name, value in plain(pre).items() if name != "zero_shot"}
+    key = {
+        "corpus": corpus.fingerprint(),
+        "model": model,
+        "pretrain": settings,
+        "fit": {"trainer": plain(cfg.teacher.trainer), "patience": cfg.teacher.patience},
+        "k": cfg.task.answer.n,
+    }
 
     def make(folder: Path) -> None:
         pretrain_teacher(
             corpus,
             make_teacher=partial(instantiate(cfg.teacher.model, _convert_="all"), lr=pre.lr),
-            trainer_kwargs=plain(cfg.teacher.trainer) | {"max_epochs": pre.max_epochs},
+            trainer_kwargs=plain(cfg.teacher.trainer),
             batch_size=pre.batch_size,
             k=cfg.task.answer.n,
-            patience=pre.patience,
+            patience=cfg.teacher.patience,
             seed=pre.seed,
             out_dir=folder,
             fit_threads=cfg.teacher.fit_threads,
