@@ -62,7 +62,9 @@ HEADERS = {
 # The teacher that sees only what the student sees, per task: (row name, overrides).
 UNIMODAL_TEACHER = {
     "rare_disease": ("teacher (note only)", ["teacher.model.modalities=[text]"]),
-    "tissue": ("teacher (image only)", ["teacher.model.contrastive_weight=0"]),
+    # teacher=clip: trained on the task set alone, whatever teacher the comparison uses (e.g.
+    # teacher=clip_pretrained, which knows the caption corpus too).
+    "tissue": ("teacher (image only, task set only)", ["teacher=clip", "teacher.model.contrastive_weight=0"]),
 }
 MULTIMODAL_TEACHER = "teacher (multimodal)"
 

@@ -103,10 +103,12 @@ class ExamplePrefsConfig:
 
 @dataclass
 class CustomTaskConfig:
-    """Any TRL-format preference dataset (JSONL or a `save_to_disk` folder)."""
+    """Any TRL-format preference dataset: JSONL/JSON/Parquet/CSV, a `save_to_disk` folder, a
+    folder of data files or a Hub id (mint.pairs.rows.ACCEPTED_FORMS)."""
 
     name: str = "custom"
     prefs_path: str = MISSING
+    prefs_split: str = "train"  # the split to read from a data folder or a Hub dataset
     on_error: OnError = OnError.strict
     val_fraction: float = bounded(0.1, ge=0, lt=1)  # held out from prefs_path for the val/ metrics
     max_samples: int | None = bounded(None, ge=1)  # keep the first N rows (debug)

@@ -122,10 +122,10 @@ def test_read_save_to_disk_folder(tmp_path):
         read_preference_rows(tmp_path / "dd")
 
 
-@pytest.mark.parametrize("name", ["prefs.json", "missing.jsonl", "empty_dir"])
+@pytest.mark.parametrize("name", ["prefs.txt", "missing.jsonl", "empty_dir"])
 def test_read_rejects_other_paths_naming_both_forms(tmp_path, name):
     path = tmp_path / name
-    if name == "prefs.json":
+    if name == "prefs.txt":
         path.write_text("[]")
     if name == "empty_dir":
         path.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,13 @@ log = logging.getLogger("mint.pairs")
 
 ROLES = ("system", "user", "assistant")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
-ACCEPTED_FORMS = "a .jsonl file or a folder written by datasets.Dataset.save_to_disk"
+ACCEPTED_FORMS = (
+    "a .jsonl, .json, .parquet or .csv file, a folder written by datasets.Dataset.save_to_disk, "
+    "a folder of such data files, or a Hub dataset id (online only)"
+)
+# Files read through `datasets.load_dataset(<builder>, data_files=...)`, by suffix. JSONL keeps
+# its own reader: line numbers in errors, and the UTF-8 check before any parsing.
+DATA_FILE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,11 @@ class _RowError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-def read_preference_rows(path: str | Path, *, on_error: Literal["strict", "skip"] = "strict") -> list[dict]:
-    """Read and validate preference rows from a `.jsonl` file or a `save_to_disk` folder.
+def read_preference_rows(
+    path: str | Path, *, on_error: Literal["strict", "skip"] = "strict", split: str = "train"
+) -> list[dict]:
+    """Read and validate preference rows from any of ACCEPTED_FORMS (`split`: the split of a
+    data folder or Hub dataset that holds them).
 
     Every returned row has `prompt`, `chosen` and `rejected`, either all strings (standard format)
     or all message lists (conversational format); implicit-prompt rows get their shared prefix
@@ -55,7 +65,7 @@ def read_preference_rows(path: str | Path, *, on_error: Literal["strict", "skip"
     rows: list[dict] = []
     errors: list[str] = []
     first_format: tuple[str, str] | None = None  # (format, where) of the first good row
-    for where, raw in _iter_raw_rows(path):
+    for where, raw in _iter_raw_rows(path, split):
         try:
             if isinstance(raw, Exception):
                 raise _RowError(None, f"invalid JSON ({raw})")
@@ -89,7 +99,7 @@ def read_preference_rows(path: str | Path, *, on_error: Literal["strict", "skip"
     return rows
 
 
-def _iter_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_raw_rows(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     """Yield (where, row-or-JSON-error) with `where` = 'line N' (1-based) or 'row N' (0-based index)."""
     if path.is_file() and path.suffix == ".jsonl":
         with path.open("rb") as f:
@@ -103,6 +113,8 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
                     yield f"line {number}", json.loads(line)
                 except json.JSONDecodeError as err:
                     yield f"line {number}", err
+    elif path.is_file() and path.suffix in DATA_FILE_BUILDERS:
+        yield from _rows_of(path, DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     elif path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
         import datasets  # heavy import; only this branch needs it
 
@@ -113,9 +125,37 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise ValueError(
             f"{path} is a DatasetDict with splits {splits}; point at one split's folder (e.g. {path / 'train'})"
         )
+    elif path.is_dir() and any(p.suffix in (".jsonl", *DATA_FILE_BUILDERS) for p in path.rglob("*")):
+        yield from _rows_of(path, str(path), split=split)  # datasets picks the builder and the splits
+    elif not path.exists() and looks_like_hub_id(str(path)):
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ValueError(
+                f"{path}: no such file or folder, and a Hub dataset cannot be fetched with HF_HUB_OFFLINE=1; "
+                "download it first or point at a local copy"
+            )
+        yield from _rows_of(path, str(path), split=split)
     else:
-        found = "found neither" if path.exists() else "the path does not exist"
+        found = "found none of them" if path.exists() else "the path does not exist"
         raise ValueError(f"{path}: expected {ACCEPTED_FORMS}; {found}")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """'owner/name' (one slash, no dot-segments): a Hub dataset id rather than a local path."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def _rows_of(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """The rows `datasets.load_dataset(*args, **kwargs)` reads, its errors naming `path`."""
+    import datasets  # heavy import; only these forms need it
+
+    try:
+        table = datasets.load_dataset(*args, **kwargs)
+    except (ValueError, OSError, UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(f"{path}: cannot read it as a dataset ({type(cause).__name__}: {cause})") from None
+    for index, row in enumerate(table.to_list()):
+        yield f"row {index}", row
 
 
 def _validate_row(row: Any) -> dict:

@@ -25,7 +25,7 @@ from mint.config import plain
 from mint.data.example_prefs import make_example_prefs, write_jsonl
 from mint.data.task_data import TaskData
 from mint.leakage import check_pipeline_run
-from mint.pairs.rows import Rows, read_preference_rows, split_rows
+from mint.pairs.rows import ACCEPTED_FORMS, Rows, looks_like_hub_id, read_preference_rows, split_rows
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
 from mint.prefs.formats import AnswerFormat
 from mint.student.kinds import StudentKind
@@ -108,12 +108,12 @@ def custom_rows(task: DictConfig, seed: int) -> Rows:
     if task.get("example") is not None and not path.exists():
         log.info("generating the example preference set at %s", path)
         write_jsonl(make_example_prefs(n=task.example.n, seed=task.example.seed), path)
-    if not path.exists():
+    if not path.exists() and not looks_like_hub_id(str(task.prefs_path)):
         raise FileNotFoundError(
             f"task.prefs_path={str(path)!r} does not exist: expected a TRL preference dataset "
-            "(a .jsonl file or a datasets.save_to_disk folder)"
+            f"({ACCEPTED_FORMS})"
         )
-    rows = read_preference_rows(path, on_error=str(task.on_error))
+    rows = read_preference_rows(path, on_error=str(task.on_error), split=str(task.prefs_split))
     if task.max_samples is not None:
         rows = rows[: task.max_samples]
     return split_rows(rows, task.val_fraction, seed)
