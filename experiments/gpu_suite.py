@@ -22,12 +22,15 @@ Timing steps (gpu_check, flex, bench) run one after another; the pipeline jobs (
 mostly CPU-bound) run beside them, several at a time (`--jobs`), so the suite fits in 8 minutes
 on one H200; `--serial` runs everything one at a time. A global budget (`--budget-s`) caps every
 step's timeout by the time left. `--tiny`: tiny shapes on the CPU, float32, FlexAttention
-replaced by the dense masks (no FlexAttention backward on the CPU), the jobs at smoke size with
-2 training steps and 2 test answers, the full jobs at the smoke jobs' size (so they exercise
-the commands, not the sizes); TRL's runners are skipped where TRL is not installed.
+replaced by the eager (additive) mask (no FlexAttention backward on the CPU), the smoke jobs
+with 2 training steps and 2 test answers, SmolLM2 with one pair, one step and one answer, the
+full jobs' configs composed and checked only (at tiny size they would be the smoke jobs again);
+TRL's runners are skipped where TRL is not installed (the `bench` extra).
 
 Writes DIR/report.json (every step: status ok | failed | timeout | skipped | n/a, seconds,
-return code, error tail, its own JSON result) and DIR/report.md, plus one log per step.
+return code, error line and log tail, its own JSON result), DIR/report.md and DIR/steps.tar.gz
+(each step's log and JSON). Run folders and the stage cache go to --work (default
+/tmp/mint-gpu-work on the GPU, DIR/work with --tiny).
 """
 
 from __future__ import annotations
