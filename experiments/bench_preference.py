@@ -9,6 +9,15 @@ drifting load on a shared machine hits all of them alike.
 
     .venv/bin/python experiments/bench_preference.py [--threads N]   # needs `pip install -e '.[bench]'`
     .venv/bin/python experiments/bench_preference.py --quick    # a short smoke run
+    python experiments/bench_preference.py --device cuda --dtype bfloat16 --model llama1b   # GPU (gpu_suite.sh)
+
+On a GPU (`--device cuda`): the model is built on the GPU in `--dtype` (LoRA weights stay
+float32), every method runs under bf16 autocast (TRL: `bf16=True`), steps are timed with CUDA
+synchronisation, and peak memory is `torch.cuda.max_memory_allocated` during each method's steps
+minus what was allocated before them (all runners share one process; the other methods' weights
+are part of both numbers, so the difference is the method's activations, gradients and optimizer
+state). `--model llama1b` is Llama-3.2-1B's shape (vocabulary 128,256, width 2048, 16 layers),
+random weights; the token ids stay below 2048 (the word tokenizer's words).
 
 Fairness choices:
 - TRL's ORPO is `trl.experimental.orpo.ORPOTrainer`; its NLL term covers prompt + chosen, so
@@ -70,6 +79,35 @@ class Settings:
     layers: int = 4
     seed: int = 0
     gradient_checkpointing: bool = False  # TRL's default is True; applied to every method alike
+    model: str = "small"  # small (hidden/layers above, vocabulary VOCAB) | llama1b
+    device: str = "cpu"
+    dtype: str = "float32"  # the base weights' dtype; bfloat16 also turns on bf16 autocast
+
+
+# Llama-3.2-1B's config.json dimensions (tied embeddings).
+LLAMA1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def autocast(settings: Settings):
+    """bf16 autocast when the base is bf16 (as Lightning's bf16-mixed and TRL's bf16=True)."""
+    return torch.autocast(
+        device_type=settings.device, dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16"
+    )
+
+
+def synchronize(settings: Settings) -> None:
+    if settings.device == "cuda":
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------- data and model
@@ -109,20 +147,28 @@ def text(ids: list[int]) -> str:
 
 def build_model(settings: Settings) -> torch.nn.Module:
     torch.manual_seed(settings.seed)
+    dims = (
+        LLAMA1B
+        if settings.model == "llama1b"
+        else dict(
+            vocab_size=VOCAB,
+            hidden_size=settings.hidden,
+            intermediate_size=settings.hidden * 8 // 3 // 32 * 32,
+            num_hidden_layers=settings.layers,
+            num_attention_heads=settings.hidden // 64,
+            num_key_value_heads=settings.hidden // 64,
+        )
+    )
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=settings.hidden,
-        intermediate_size=settings.hidden * 8 // 3 // 32 * 32,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.hidden // 64,
-        num_key_value_heads=settings.hidden // 64,
+        **dims,
         max_position_embeddings=2048,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).float()
+    with torch.device(settings.device):  # a 1B init on the CPU takes a minute
+        model = LlamaForCausalLM(config).to(getattr(torch, settings.dtype))
     torch.manual_seed(settings.seed + 1)
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -144,7 +190,7 @@ def perturb_lora(model: torch.nn.Module, seed: int) -> None:
     for name, param in sorted(model.named_parameters()):
         # Only the trained adapter: TRL's DPOTrainer adds a frozen copy named "ref" as its reference.
         if ".lora_B.default." in name:
-            param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            param.copy_(0.02 * torch.randn(param.shape, generator=generator).to(param.device))
 
 
 def work_tokens(pair: TokenizedPair) -> int:
@@ -166,7 +212,11 @@ class MintRunner:
         self.reference_s = 0.0
         if loss == "dpo":
             started = time.perf_counter()
-            self.items = attach_reference_logps(self.model, pairs, collator, batch_size=settings.batch_size)
+            with autocast(settings):
+                # (it moves each batch to the model's device itself)
+                self.items = attach_reference_logps(
+                    self.model, pairs, collator, batch_size=settings.batch_size
+                )
             self.reference_s = time.perf_counter() - started
         self.module = PreferenceModule(
             self.model, method=loss, beta=0.1, sft_on_prompt=loss == "orpo", rpo_alpha=None, packed=packed
@@ -182,9 +232,18 @@ class MintRunner:
         self.lengths = lengths
         self.cursor = 0
 
+    def _on_device(self, collator):
+        device = self.settings.device
+        if device == "cpu":
+            return collator
+        return lambda rows: {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(rows).items()}
+
+    def batch(self, indices: list[int]) -> dict:
+        return self._on_device(self.collator)([self.items[i] for i in indices])
+
     def first_batch_loss(self, indices: list[int]) -> float:
-        with torch.no_grad():
-            return self.module.compute_loss(self.collator([self.items[i] for i in indices]))[0].item()
+        with torch.no_grad(), autocast(self.settings):
+            return self.module.compute_loss(self.batch(indices))[0].item()
 
     def run(self, steps: int) -> list[tuple[float, int]]:
         """(seconds, work tokens) of each step."""
@@ -195,11 +254,14 @@ class MintRunner:
                 self.cursor = 0
             indices = self.order[self.cursor : self.cursor + bs]
             self.cursor += bs
+            synchronize(self.settings)
             started = time.perf_counter()
-            loss, _ = self.module.compute_loss(self.collator([self.items[i] for i in indices]))
+            with autocast(self.settings):
+                loss, _ = self.module.compute_loss(self.batch(indices))
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            synchronize(self.settings)
             out.append((time.perf_counter() - started, sum(work_tokens(self.items_pair(i)) for i in indices)))
         return out
 
@@ -224,6 +286,8 @@ class StepClock(TrainerCallback):
         self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and args.use_cpu is False:
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.times.append(now - self.last)
         self.last = now
@@ -261,8 +325,8 @@ class TrlRunner:
             disable_tqdm=True,
             seed=settings.seed,
             dataloader_num_workers=0,
-            use_cpu=True,
-            bf16=False,  # TRL turns bf16 on where it can; the comparison is float32 throughout
+            use_cpu=settings.device == "cpu",
+            bf16=settings.dtype == "bfloat16",  # TRL turns bf16 on where it can: only when MINT's is
             fp16=False,
             gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -334,7 +398,7 @@ class TrlRunner:
     def first_batch_loss(self, indices: list[int]) -> float:
         rows = [self.trainer.train_dataset[self.row_of[i]] for i in indices]
         inputs = self.trainer._prepare_inputs(self.trainer.data_collator(rows))
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.settings):
             return self.trainer.compute_loss(self.trainer.model, inputs).item()
 
     def run(self, steps: int) -> list[tuple[float, int]]:
@@ -388,12 +452,28 @@ def memory_in_child(method: str, cli: argparse.Namespace) -> float | None:
 # --------------------------------------------------------------------------- main
 
 
-def settings_for(quick: bool, gradient_checkpointing: bool) -> Settings:
-    if quick:
+def settings_for(cli: argparse.Namespace) -> Settings:
+    if cli.quick:
         shape = dict(pairs=16, batch_size=4, prompt_len=128, answer_len=16, rounds=2, steps_per_round=2)
+    elif cli.model == "llama1b":
+        shape = dict(pairs=64, batch_size=8, prompt_len=512, answer_len=64, rounds=3, steps_per_round=4)
     else:
         shape = dict(pairs=96, batch_size=4, prompt_len=512, answer_len=64, rounds=3, steps_per_round=4)
-    return Settings(**shape, gradient_checkpointing=gradient_checkpointing)
+    if cli.rounds:
+        shape["rounds"] = cli.rounds
+    return Settings(
+        **shape,
+        gradient_checkpointing=cli.gradient_checkpointing,
+        model=cli.model,
+        device=cli.device,
+        dtype=cli.dtype,
+    )
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
 
 
 def main() -> None:
@@ -407,12 +487,32 @@ def main() -> None:
         action="store_true",
         help="for every method (TRL's default; MINT's is off)",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weights")
+    parser.add_argument("--model", choices=["small", "llama1b"], default="small")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; quick 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--skip-missing-trl", action="store_true", help="without TRL installed, run MINT's methods only"
+    )
     cli = parser.parse_args()
-    settings = settings_for(cli.quick, cli.gradient_checkpointing)
+    if cli.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+    settings = settings_for(cli)
     torch.set_num_threads(cli.threads)
     if cli.memory:
         print(f"PEAK_MIB {measure_memory(cli.memory, settings):.1f}")
         return
+    skipped = []
+    methods = list(METHODS)
+    if not trl_available():
+        if not cli.skip_missing_trl:
+            parser.error(
+                "TRL is not installed (pip install -e '.[bench]'); --skip-missing-trl runs MINT's methods only"
+            )
+        skipped = [m for m in methods if m.startswith("trl")]
+        methods = [m for m in methods if m not in skipped]
+        print(f"TRL is not installed: skipping {skipped}")
 
     pairs = make_pairs(settings)
     print(f"settings: {settings}; torch threads {torch.get_num_threads()}")
@@ -429,61 +529,83 @@ def main() -> None:
         f"shuffled {padding_waste(lengths, shuffled, settings.batch_size):.1%}"
     )
 
+    cuda = settings.device == "cuda"
     first = list(range(settings.batch_size))
+    gpu_peak: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as out_dir:
-        runners = {m: make_runner(m, settings, pairs, os.path.join(out_dir, m)) for m in METHODS}
+        runners = {m: make_runner(m, settings, pairs, os.path.join(out_dir, m)) for m in methods}
         for runner in runners.values():
             perturb_lora(runner.model, settings.seed)
         losses = {m: r.first_batch_loss(first) for m, r in runners.items()}
         print("first-batch loss (same pairs, same weights: base + the same perturbed LoRA B):")
         for m, value in losses.items():
             print(f"  {m:20s} {value:.7f}")
-        print(
-            f"  |ORPO packed - TRL| = {abs(losses['mint_packed_orpo'] - losses['trl_orpo']):.2e}, "
-            f"|ORPO unpacked - TRL| = {abs(losses['mint_unpacked_orpo'] - losses['trl_orpo']):.2e}, "
-            f"|DPO packed - TRL| = {abs(losses['mint_packed_dpo'] - losses['trl_dpo']):.2e}"
-        )
-        print(
-            f"reference log-probs: MINT packed {runners['mint_packed_dpo'].reference_s:.1f} s; "
-            f"TRL DPOTrainer init (tokenize + precompute) {runners['trl_dpo'].init_s:.1f} s"
-        )
+        for a, b in (
+            ("mint_packed_orpo", "trl_orpo"),
+            ("mint_unpacked_orpo", "trl_orpo"),
+            ("mint_packed_dpo", "trl_dpo"),
+        ):
+            if a in losses and b in losses:
+                print(f"  |{a} - {b}| = {abs(losses[a] - losses[b]):.2e}")
+        if "trl_dpo" in runners:
+            print(
+                f"reference log-probs: MINT packed {runners['mint_packed_dpo'].reference_s:.1f} s; "
+                f"TRL DPOTrainer init (tokenize + precompute) {runners['trl_dpo'].init_s:.1f} s"
+            )
 
-        steps: dict[str, list[tuple[float, int]]] = {m: [] for m in METHODS}
+        steps: dict[str, list[tuple[float, int]]] = {m: [] for m in methods}
         for round_ in range(settings.rounds):
             for m, runner in runners.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 timed = runner.run(settings.steps_per_round)[1:]  # drop the warm-up step
+                if cuda:
+                    growth = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    gpu_peak[m] = max(gpu_peak.get(m, 0.0), growth)
                 steps[m].extend(timed)
-                print(f"round {round_ + 1}: {m:20s} " + " ".join(f"{s:.2f}s" for s, _ in timed), flush=True)
+                print(f"round {round_ + 1}: {m:20s} " + " ".join(f"{s:.3f}s" for s, _ in timed), flush=True)
 
-    rates = {m: statistics.median(tok / sec for sec, tok in steps[m]) for m in METHODS}
-    step_s = {m: statistics.median(sec for sec, _ in steps[m]) for m in METHODS}
-    memory = {m: (None if cli.no_memory else memory_in_child(m, cli)) for m in METHODS}
-    print("\n| method | median step (s) | work tokens/s (median) | peak RSS growth (MiB) |")
+    rates = {m: statistics.median(tok / sec for sec, tok in steps[m]) for m in methods}
+    step_s = {m: statistics.median(sec for sec, _ in steps[m]) for m in methods}
+    memory = {m: (None if cli.no_memory or cuda else memory_in_child(m, cli)) for m in methods}
+    mem_name = "peak GPU memory growth (MiB)" if cuda else "peak RSS growth (MiB)"
+    print(f"\n| method | median step (s) | work tokens/s (median) | {mem_name} |")
     print("|---|---|---|---|")
-    for m in METHODS:
-        mem = "n/a" if memory[m] is None else f"{memory[m]:.0f}"
-        print(f"| {m} | {step_s[m]:.2f} | {rates[m]:.0f} | {mem} |")
-    ratios = {
-        "packed ORPO / TRL ORPO": rates["mint_packed_orpo"] / rates["trl_orpo"],
-        "unpacked ORPO / TRL ORPO": rates["mint_unpacked_orpo"] / rates["trl_orpo"],
-        "packed ORPO / unpacked ORPO": rates["mint_packed_orpo"] / rates["mint_unpacked_orpo"],
-        "packed DPO / TRL DPO": rates["mint_packed_dpo"] / rates["trl_dpo"],
+    for m in methods:
+        value = gpu_peak.get(m) if cuda else memory[m]
+        mem = "n/a" if value is None else f"{value:.0f}"
+        print(f"| {m} | {step_s[m]:.3f} | {rates[m]:.0f} | {mem} |")
+    ratios = {}
+    for name, a, b in (
+        ("packed ORPO / TRL ORPO", "mint_packed_orpo", "trl_orpo"),
+        ("unpacked ORPO / TRL ORPO", "mint_unpacked_orpo", "trl_orpo"),
+        ("packed ORPO / unpacked ORPO", "mint_packed_orpo", "mint_unpacked_orpo"),
+        ("packed DPO / TRL DPO", "mint_packed_dpo", "trl_dpo"),
+    ):
+        if a in rates and b in rates:
+            ratios[name] = rates[a] / rates[b]
+            print(f"{name}: {ratios[name]:.2f}x")
+    result = {
+        "settings": settings.__dict__,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "losses": losses,
+        "loss_diffs": {
+            f"{a} - {b}": abs(losses[a] - losses[b])
+            for a, b in (("mint_packed_orpo", "trl_orpo"), ("mint_packed_dpo", "trl_dpo"))
+            if a in losses and b in losses
+        },
+        "tokens_per_s": rates,
+        "step_s": step_s,
+        "peak_rss_mib": None if cuda else memory,
+        "peak_gpu_mib": gpu_peak if cuda else None,
+        "ratios": ratios,
+        "skipped": skipped,
     }
-    for name, value in ratios.items():
-        print(f"{name}: {value:.2f}x")
-    print(
-        "JSON "
-        + json.dumps(
-            {
-                "settings": settings.__dict__,
-                "losses": losses,
-                "tokens_per_s": rates,
-                "step_s": step_s,
-                "peak_rss_mib": memory,
-                "ratios": ratios,
-            }
-        )
-    )
+    print("JSON " + json.dumps(result))
+    if cli.json is not None:
+        cli.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
