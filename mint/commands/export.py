@@ -107,8 +107,11 @@ def model_card(run: TrainedRun, decoding: DecodingSettings) -> ModelCard:
         base_model=base if base and not Path(base).exists() else None,  # a Hub id only
     )
     teacher = cfg.get("teacher")
+    choice = run.choices().get("teacher")
     teacher_line = (
-        f"`teacher={teacher.get('name', '?')}` ({teacher.model._target_})" if teacher else "none (task=custom|example: ready preference pairs)"
+        (f"`teacher={choice}` " if choice else "") + f"(`{teacher.model._target_}`)"
+        if teacher
+        else "none (task=custom|example: ready preference pairs)"
     )
     source = cfg.task.get("source")
     if source is not None:
@@ -153,6 +156,21 @@ def model_card(run: TrainedRun, decoding: DecodingSettings) -> ModelCard:
             "| metric | value | 95% CI |",
             "|---|---|---|",
             *metrics,
+            "",
+        ]
+    if "prompt" in cfg.task:
+        user = cfg.task.prompt.user
+        sections += [
+            "## Prompt",
+            "",
+            "The student was trained and evaluated on this prompt (`{text}`: the note), through its chat template:",
+            "",
+            f"- system: {cfg.task.prompt.system}",
+            "- user:" if "{text}" in user else "- user (after the image):",
+            "",
+            "```text",
+            user,
+            "```",
             "",
         ]
     sections += ["## How to use", "", "```python", *usage(run, decoding), "```", ""]

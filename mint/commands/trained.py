@@ -48,6 +48,13 @@ class TrainedRun:
         args = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
         return " ".join(["python -m mint.run", *(str(a) for a in args)])
 
+    def choices(self) -> dict[str, str]:
+        """The config group choices the run was composed from (`teacher: task_tissue`, ...)."""
+        path = self.run_dir / ".hydra" / "hydra.yaml"
+        if not path.is_file():
+            return {}
+        return {k: str(v) for k, v in OmegaConf.load(path).hydra.runtime.choices.items()}
+
     def results(self) -> dict[str, Any]:
         path = self.run_dir / "results.json"
         return json.loads(path.read_text()) if path.is_file() else {}
