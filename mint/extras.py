@@ -24,7 +24,12 @@ PLUGINS = (
     ("hparams_search", None, "hydra_plugins.hydra_optuna_sweeper", "sweep"),
     ("hydra/sweeper", ("optuna",), "hydra_plugins.hydra_optuna_sweeper", "sweep"),
     ("hydra/launcher", ("local_parallel", "joblib"), "hydra_plugins.hydra_joblib_launcher", "sweep"),
-    ("hydra/launcher", ("slurm", "submitit_slurm", "submitit_local"), "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    (
+        "hydra/launcher",
+        ("slurm", "submitit_slurm", "submitit_local"),
+        "hydra_plugins.hydra_submitit_launcher",
+        "slurm",
+    ),
 )
 
 
@@ -48,7 +53,9 @@ def check_plugins(overrides: Sequence[str]) -> None:
             continue
         for plugin_key, values, module, extra in PLUGINS:
             if key == plugin_key and (values is None or value in values) and not installed(module):
-                raise ImportError(f"{override} needs the {module.split('.')[-1]} plugin: {install_extra(extra)}")
+                raise ImportError(
+                    f"{override} needs the {module.split('.')[-1]} plugin: {install_extra(extra)}"
+                )
 
 
 def check_packages(cfg: DictConfig) -> None:

