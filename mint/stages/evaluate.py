@@ -140,16 +140,7 @@ def evaluate_split(
         ]
         metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
     tokenizer = kind.tokenizer(processor)
-    model_inputs = kind.generation_inputs(processor, [s.image for s in samples])
-    answers = generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        job.decoding,
-        model_inputs=model_inputs,
-        labels=task.labels,
-        quote=job.answer.quote,
-    )
+    answers = student_answers(job, kind, model, processor, prompts, [s.image for s in samples], task.labels)
     ranked = teacher.ranked_indices(split)[: len(samples)]
     answer_scores, records = answer_metrics(
         answers,
@@ -175,6 +166,28 @@ def evaluate_split(
         extra = {"retrieved": retrieved[i]} if retrieved is not None else {}
         records[i] = {"id": sample.id, **record, **extra}
     return metrics, records
+
+
+def student_answers(
+    job: EvalJob,
+    kind: StudentKind,
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    images: list[np.ndarray | None],
+    labels: list[str],
+) -> list[str]:
+    """The student's answer to each prompt (an image student sees `images[i]` with prompt i), decoded
+    as `task.eval` says: what evaluation scores and what `mint ask` prints."""
+    return generate_answers(
+        model,
+        kind.tokenizer(processor),
+        prompts,
+        job.decoding,
+        model_inputs=kind.generation_inputs(processor, images),
+        labels=labels,
+        quote=job.answer.quote,
+    )
 
 
 @torch.inference_mode()

@@ -107,14 +107,14 @@ class StudentJob:
         return dataclasses.replace(self, student=student, hparams=hparams)
 
 
-def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
-    """Unpack the config once: `student.*` (nested nodes instantiated), `optim.*`, lengths, Lightning."""
+def student_spec(s: DictConfig) -> StudentSpec:
+    """`student.*` as the loaders take it, nested nodes instantiated (training here; `mint ask` and
+    `mint export` too)."""
 
     def make(node: Any) -> Any:  # plain lists/dicts, not OmegaConf containers, reach peft/transformers
         return instantiate(node, _convert_="all") if node is not None else None
 
-    s, o, task = cfg.student, cfg.optim, cfg.task
-    student = StudentSpec(
+    return StudentSpec(
         name=s.name,
         name_or_path=s.name_or_path,
         build=make(s.build),
@@ -128,6 +128,12 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         attn_implementation=s.attn_implementation,
         train_top_layers=s.train_top_layers,
     )
+
+
+def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
+    """Unpack the config once: `student.*` (nested nodes instantiated), `optim.*`, lengths, Lightning."""
+    s, o, task = cfg.student, cfg.optim, cfg.task
+    student = student_spec(s)
     method = MethodSettings(
         method=Method(o.method),
         beta=o.beta,

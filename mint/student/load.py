@@ -88,8 +88,8 @@ def check_load_settings(dtype: str, quantization: transformers.BitsAndBytesConfi
         raise ValueError(f"student.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
-            "student.quantization is set, but bitsandbytes is not installed: `pip install bitsandbytes`, "
-            "or set student.quantization=null"
+            "student.quantization is set, but bitsandbytes is not installed: `pip install -e '.[quant]'` "
+            "(or `pip install 'mint[quant]'`), or set student.quantization=null"
         )
 
 

@@ -1,0 +1,1 @@
+"""The `mint` command's subcommands on finished runs: `ask`, `export`, `runs` (mint/cli.py dispatches)."""
