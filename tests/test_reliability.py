@@ -159,6 +159,45 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
 
 
+class _KilledHere(BaseException):
+    """Stands for a kill: nothing after the point where it is raised happens."""
+
+
+def test_a_kill_between_writing_a_checkpoint_and_renaming_it_leaves_the_previous_one_readable(
+    make_cfg, monkeypatch
+):
+    """Checkpoints are written whole to a temp file beside `last.ckpt`, then renamed onto it. A
+    kill after step 4's file is written and before its rename leaves step 2's `last.ckpt` whole.
+
+    Beside it, in the same folder: a rename within one file system is atomic; from another
+    (a node-local /tmp to shared storage) it is a copy, and a kill during it leaves half a file.
+    """
+    renames: list[tuple[Path, Path, int]] = []
+    real_replace, real_rename = os.replace, os.rename
+
+    def kill_at_the_second_rename_onto_last(real):
+        def rename(src, dst, *args, **kwargs):
+            if Path(dst).name == "last.ckpt":
+                written = torch.load(src, weights_only=True)["global_step"]  # the new file, whole
+                renames.append((Path(src), Path(dst), written))
+                if len(renames) == 2:
+                    raise _KilledHere
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "replace", kill_at_the_second_rename_onto_last(real_replace))
+    monkeypatch.setattr(os, "rename", kill_at_the_second_rename_onto_last(real_rename))
+    cfg = make_cfg(*SMOKE, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")
+    with pytest.raises(_KilledHere):
+        run(cfg)
+    monkeypatch.undo()
+    last = Path(cfg.paths.output_dir) / "student" / "checkpoints" / "last.ckpt"
+    assert [written for *_, written in renames] == [2, 4]
+    assert all(src.parent == dst.parent == last.parent for src, dst, _ in renames)
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
 def _fake_run(log_dir: Path, name: str, config: dict, age_s: float = 0) -> Path:
     folder = log_dir / "runs" / "2026-11-28" / name
     (folder / ".hydra").mkdir(parents=True)

@@ -145,10 +145,16 @@ class Probe4bit(L.Callback):
                     "layers": model.config.num_hidden_layers,
                     "linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
                     "nf4": sorted(
-                        {m.weight.quant_state.quant_type for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+                        {
+                            m.weight.quant_state.quant_type
+                            for m in model.modules()
+                            if isinstance(m, bnb.nn.Linear4bit)
+                        }
                     ),
                     "non_finite": [
-                        n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
+                        n
+                        for n, p in model.named_parameters()
+                        if p.requires_grad and not torch.isfinite(p).all()
                     ],
                     "trainable": sum(p.requires_grad for p in model.parameters()),
                 }
