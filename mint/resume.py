@@ -1,7 +1,8 @@
 """Which Lightning checkpoint the student stage starts from: `ckpt_path=`, `resume=true`, or none.
 
-`resume=true` continues an interrupted run from its `last.ckpt` (Lightning writes it
-atomically, through a temp file, so a kill never leaves half of one):
+`resume=true` continues an interrupted run from its `last.ckpt` (written whole to a temp
+file beside it and renamed onto it, `AtomicCheckpointIO` in mint/stages/trainer.py, so a kill
+never leaves half of one):
 
 1. in this run's own folder, when it has one: a rerun with the same
    `hydra.run.dir=DIR` (a fixed folder is the simplest way to make reruns find

@@ -55,8 +55,28 @@ def make_sweep_like_outputs(make_cfg, runs_dir: Path, methods: list[str], seeds:
         )
 
 
-def check_report(out_dir: Path, runs_dir: Path, methods: list[str], seeds: list[int]) -> None:
-    """The CSV/MD/PNG exist, hold one row per method and teacher, and their numbers are the runs' means."""
+def distinct_per_seed(runs_dir: Path, methods: list[str], seeds: list[int]) -> None:
+    """Give every method run's five test metrics (and their CI bounds) values that differ between
+    seeds, methods and metrics: at smoke size most of them are 0 in every run, and a mean or std
+    of zeros cannot tell a right statistic from a wrong one."""
+    metrics = ("top1", "topk", "format_valid", "rank_top1", "rank_topk")
+    for m, method in enumerate(methods):
+        for s, seed in enumerate(seeds):
+            path = runs_dir / "methods" / f"{method}_seed{seed}" / "results.json"
+            results = json.loads(path.read_text())
+            for k, metric in enumerate(metrics):
+                value = 0.05 + 0.31 * s + 0.07 * m + 0.11 * k
+                results[f"test/{metric}"] = value
+                results[f"test/{metric}_ci_low"] = value - 0.02 - 0.01 * s
+                results[f"test/{metric}_ci_high"] = value + 0.03 + 0.01 * m
+            path.write_text(json.dumps(results))
+
+
+def check_report(
+    out_dir: Path, runs_dir: Path, methods: list[str], seeds: list[int], distinct: bool = False
+) -> None:
+    """The CSV/MD/PNG exist, hold one row per method and teacher, and their numbers are the runs' means
+    (`distinct`: the runs' values differ between seeds, as `distinct_per_seed` made them)."""
     unimodal = "teacher (note only)"
     rows = {row["method"]: row for row in read_csv(out_dir / "comparison.csv")}
     assert list(rows) == [*methods, compare.MULTIMODAL_TEACHER, unimodal]
@@ -70,6 +90,7 @@ def check_report(out_dir: Path, runs_dir: Path, methods: list[str], seeds: list[
         per_seed = [results(runs_dir / "methods" / f"{method}_seed{s}") for s in seeds]
         for metric in ("top1", "topk", "format_valid", "rank_top1", "rank_topk"):
             values = np.array([r[f"test/{metric}"] for r in per_seed])
+            assert not distinct or len(set(values)) == len(seeds)  # then the statistics below discriminate
             assert float(rows[method][f"{metric}_mean"]) == pytest.approx(values.mean(), abs=1e-6)
             assert float(rows[method][f"{metric}_std"]) == pytest.approx(values.std(ddof=1), abs=1e-6)
             assert float(rows[method][f"{metric}_min"]) == pytest.approx(values.min(), abs=1e-6)
@@ -99,11 +120,12 @@ def test_the_report_is_made_of_the_runs_results_and_is_deterministic(make_cfg, t
     methods, seeds = ["none", "rag"], [1, 2]
     runs_dir = tmp_path / "sweep" / "runs"
     make_sweep_like_outputs(make_cfg, runs_dir, methods, seeds)
+    distinct_per_seed(runs_dir, methods, seeds)
 
     runs = compare.collect(runs_dir, "teacher (note only)")
     order = [*methods, compare.MULTIMODAL_TEACHER, "teacher (note only)"]
     compare.write_report(tmp_path / "sweep", "rare_disease", runs, order, "python experiments/compare.py ...")
-    check_report(tmp_path / "sweep", runs_dir, methods, seeds)
+    check_report(tmp_path / "sweep", runs_dir, methods, seeds, distinct=True)
 
     again = tmp_path / "again"
     again.mkdir()

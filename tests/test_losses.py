@@ -85,3 +85,60 @@ def test_dpo_equal_policy_and_reference_gives_log2():
     loss, m = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert m["rewards/accuracies"].item() == 0.0
+
+
+# --- the losses through PreferenceModule on a real (small, random) Llama --------------------------
+def _hand_logps(model, pairs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per pair, the chosen and rejected answers' token log-probs: each sequence on its own, no
+    padding, log_softmax of the logits gathered at the next token (float64)."""
+    out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for pair in pairs:
+        for side, ids in enumerate((pair.chosen_ids, pair.rejected_ids)):
+            sequence = torch.tensor([pair.prompt_ids + ids])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(input_ids=sequence).logits[0].double(), -1)
+            start = len(pair.prompt_ids)
+            out[side].append(logps[start - 1 : -1].gather(-1, torch.tensor(ids)[:, None])[:, 0])
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("method", ["orpo", "dpo"])
+def test_preference_module_orpo_on_mean_and_dpo_on_summed_logps_equal_a_hand_gather(method, packed):
+    """ORPO scores an answer by its mean token log-prob, DPO by the sum (as TRL does); both
+    through the module's own forward (packed and unpacked) equal the definitions on a hand gather."""
+    from mint.optim.module import PreferenceModule
+    from mint.pairs.packed import PackedPreferenceCollator
+    from mint.pairs.text import PreferenceCollator
+    from tests.conftest import random_llama
+    from tests.test_packing import random_pairs
+
+    model = random_llama(97, 128)
+    pairs = random_pairs(5, seed=11)
+    beta = 0.3
+    chosen, rejected = _hand_logps(model, pairs)
+    ref_c, ref_r = torch.randn(5, dtype=torch.float64) - 20, torch.randn(5, dtype=torch.float64) - 20
+    items = [
+        {**p.__dict__, "ref_chosen_logps": float(a), "ref_rejected_logps": float(b)}
+        for p, a, b in zip(pairs, ref_c, ref_r, strict=True)
+    ]
+    collator = PackedPreferenceCollator(0) if packed else PreferenceCollator(0)
+    module = PreferenceModule(model, method=method, beta=beta, packed=packed).eval()
+    with torch.no_grad():
+        loss, metrics = module.compute_loss(collator(items))
+
+    logsigmoid = torch.nn.functional.logsigmoid
+    if method == "orpo":
+        mean_c = torch.stack([t.mean() for t in chosen])
+        mean_r = torch.stack([t.mean() for t in rejected])
+        odds = lambda m: m - torch.log1p(-m.exp())  # noqa: E731  log(P / (1 - P)), P = exp(mean)
+        nll = -torch.cat(chosen).mean()  # over every chosen answer token of the batch
+        expected = nll - beta * logsigmoid(odds(mean_c) - odds(mean_r)).mean()
+        assert metrics["logps/chosen"].item() == pytest.approx(mean_c.mean().item(), abs=1e-5)
+        assert metrics["nll_loss"].item() == pytest.approx(nll.item(), abs=1e-5)
+    else:
+        sum_c = torch.stack([t.sum() for t in chosen])
+        sum_r = torch.stack([t.sum() for t in rejected])
+        expected = -logsigmoid(beta * ((sum_c - ref_c) - (sum_r - ref_r))).mean()
+        assert metrics["logps/chosen"].item() == pytest.approx(sum_c.mean().item(), abs=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)

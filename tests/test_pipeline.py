@@ -9,6 +9,7 @@ import datasets
 import pytest
 from PIL import Image
 
+import mint.stages.prefs
 import mint.stages.teacher
 from mint.data.tissue import TISSUES
 from mint.run import run
@@ -28,11 +29,26 @@ def count_teacher_fits(monkeypatch):
 
 
 def test_rare_disease_pipeline_runs_end_to_end_and_a_second_method_reuses_teacher_and_prefs(
-    make_cfg, tmp_path, count_teacher_fits
+    make_cfg, tmp_path, count_teacher_fits, monkeypatch
 ):
-    orpo = run(make_cfg("task=rare_disease", "optim=orpo", "debug=smoke", output_dir=tmp_path / "orpo"))
-    sft = run(make_cfg("task=rare_disease", "optim=sft", "debug=smoke", output_dir=tmp_path / "sft"))
-    assert len(count_teacher_fits) <= 1  # 0 when an earlier test in the session filled the cache
+    prefs_builds = []
+    real_rows = mint.stages.prefs.build_preference_rows
+    monkeypatch.setattr(
+        mint.stages.prefs,
+        "build_preference_rows",
+        lambda *a, **k: prefs_builds.append(1) or real_rows(*a, **k),
+    )
+
+    def pipeline(method: str) -> dict:
+        cfg = make_cfg("task=rare_disease", f"optim={method}", "debug=smoke", output_dir=tmp_path / method)
+        cfg.paths.cache_dir = str(tmp_path / "cache")  # this test's own: it counts every build
+        return run(cfg)
+
+    orpo = pipeline("orpo")
+    assert len(count_teacher_fits) == 1 and prefs_builds  # built once, into the empty cache
+    built = len(prefs_builds)
+    sft = pipeline("sft")
+    assert len(count_teacher_fits) == 1 and len(prefs_builds) == built  # the second method reused both
 
     for results in (orpo, sft):
         assert {
@@ -73,13 +89,17 @@ def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_c
     ]
     assert entries, "the prefs stage wrote no rare-disease cache entry"
     table = datasets.load_from_disk(str(entries[0].parent / "dataset"))
-    row = table[0]
-    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
-    assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"].startswith(
-        "POTENTIAL_DISEASES:"
-    )
-    assert row["chosen"][0]["content"].count("\n") == 10  # header + 10 names
-    assert row["truth"] not in row["rejected"][0]["content"]  # the truth is never a negative
+    assert len(table) > 10
+    for row in table:  # every row, not the first only
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"].startswith(
+            "POTENTIAL_DISEASES:"
+        )
+        assert row["chosen"][0]["content"].count("\n") == 10  # header + 10 names
+        rejected = [
+            line.split(". ", 1)[1].strip("'") for line in row["rejected"][0]["content"].splitlines()[1:]
+        ]
+        assert len(rejected) == 10 and row["truth"] not in rejected  # the truth is never a negative
     assert "- pairs:" in (entries[0].parent / "README.md").read_text()
     assert not (tmp_path / "prefs" / "student").exists()  # stage=prefs stops before the student
 
@@ -121,9 +141,11 @@ def test_tissue_prompts_carry_the_image_not_the_description(make_cfg, shared_cac
         for e in (shared_cache / "prefs").iterdir()
         if "MOST_LIKELY_TISSUE" in (e / "prefs.jsonl").read_text()
     )
-    row = json.loads((entry / "prefs.jsonl").read_text().splitlines()[0])
-    user = row["prompt"][1]["content"]
-    assert user[0] == {"type": "image"} and "nuclei" not in user[1]["text"].lower()
+    rows = [json.loads(line) for line in (entry / "prefs.jsonl").read_text().splitlines()]
+    assert len(rows) > 10
+    for row in rows:  # every row, not the first only
+        user = row["prompt"][1]["content"]
+        assert user[0] == {"type": "image"} and "nuclei" not in user[1]["text"].lower()
     table = datasets.load_from_disk(str(entry / "dataset"))
     assert "images" in table.column_names and len(table) == len(
         (entry / "prefs.jsonl").read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,10 +207,66 @@ def test_rag_on_a_task_without_training_data_is_a_clear_error(make_cfg):
         run(make_cfg("task=example", "optim=rag", "debug=smoke"))
 
 
-def test_rag_run_on_tissue_augments_the_vision_prompts(make_cfg, tmp_path):
+def _strings(value) -> list[str]:
+    """Every string inside a prompt (message lists, content parts)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_rag_run_on_tissue_augments_the_vision_prompts(make_cfg, tmp_path, monkeypatch):
+    """Each test image's prompt, as generation receives it, holds the text of every passage
+    retrieved for it (and still the image)."""
+    seen_prompts, kbs = [], []
+    real_generate, real_kb = mint.stages.evaluate.generate_answers, mint.stages.evaluate.knowledge_base
+
+    def capture(model, processor, prompts, *args, **kwargs):
+        seen_prompts.extend(prompts)
+        return real_generate(model, processor, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(mint.stages.evaluate, "generate_answers", capture)
+    monkeypatch.setattr(mint.stages.evaluate, "knowledge_base", lambda *a: kbs.append(real_kb(*a)) or kbs[-1])
     results = run(make_cfg("task=tissue", "optim=rag", "debug=smoke"))
     # rank_*: the augmented prompt is longer than training's max_length, and scoring still runs
     keys = {"test/format_valid", "test/top1", "test/topk", "test/rank_top1", "rag/kb_passages"}
     assert keys <= results.keys()
-    first = json.loads((tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()[0])
-    assert "retrieved" in first
+    assert results["rag/test/passages_per_prompt"] > 0
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    (kb,) = kbs
+    assert len(predictions) == len(seen_prompts) > 0
+    for prediction, prompt in zip(predictions, seen_prompts, strict=True):
+        text = "\n".join(_strings(prompt))
+        assert {"type": "image"} in prompt[-1]["content"]
+        for hit in prediction["retrieved"]:
+            assert kb.passages[hit["passage"]].text in text
+
+
+def test_a_leak_planted_in_the_knowledge_base_of_a_run_stops_it(make_cfg, monkeypatch):
+    """The knowledge base a run builds gets one test sample among its sources: the run stops with
+    a LeakageError naming it, before any prompt is answered, and writes no results."""
+    import dataclasses
+
+    import mint.rag.stage
+
+    real_build, planted = mint.rag.stage._build, []
+
+    def leaky_build(task, settings):
+        kb = real_build(task, settings)
+        planted.append(task.splits["test"][0].id)
+        return dataclasses.replace(kb, source_ids=[*kb.source_ids, planted[0]])
+
+    monkeypatch.setattr(mint.rag.stage, "_build", leaky_build)
+    # chunk_overlap=7: a cache key of this test's own, so the leaky entry is built here (and no
+    # other test reads it); the session's teacher is reused
+    cfg = make_cfg("task=rare_disease", "optim=rag", "debug=smoke", "optim.rag.chunk_overlap=7")
+    with pytest.raises(LeakageError, match="RAG knowledge base contains 1 test sample"):
+        run(cfg)
+    assert planted and not (Path(cfg.paths.output_dir) / "results.json").exists()
+    assert not (Path(cfg.paths.output_dir) / "eval" / "predictions.jsonl").exists()

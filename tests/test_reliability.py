@@ -159,6 +159,45 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
 
 
+class _KilledHere(BaseException):
+    """Stands for a kill: nothing after the point where it is raised happens."""
+
+
+def test_a_kill_between_writing_a_checkpoint_and_renaming_it_leaves_the_previous_one_readable(
+    make_cfg, monkeypatch
+):
+    """Checkpoints are written whole to a temp file beside `last.ckpt`, then renamed onto it. A
+    kill after step 4's file is written and before its rename leaves step 2's `last.ckpt` whole.
+
+    Beside it, in the same folder: a rename within one file system is atomic; from another
+    (a node-local /tmp to shared storage) it is a copy, and a kill during it leaves half a file.
+    """
+    renames: list[tuple[Path, Path, int]] = []
+    real_replace, real_rename = os.replace, os.rename
+
+    def kill_at_the_second_rename_onto_last(real):
+        def rename(src, dst, *args, **kwargs):
+            if Path(dst).name == "last.ckpt":
+                written = torch.load(src, weights_only=True)["global_step"]  # the new file, whole
+                renames.append((Path(src), Path(dst), written))
+                if len(renames) == 2:
+                    raise _KilledHere
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "replace", kill_at_the_second_rename_onto_last(real_replace))
+    monkeypatch.setattr(os, "rename", kill_at_the_second_rename_onto_last(real_rename))
+    cfg = make_cfg(*SMOKE, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")
+    with pytest.raises(_KilledHere):
+        run(cfg)
+    monkeypatch.undo()
+    last = Path(cfg.paths.output_dir) / "student" / "checkpoints" / "last.ckpt"
+    assert [written for *_, written in renames] == [2, 4]
+    assert all(src.parent == dst.parent == last.parent for src, dst, _ in renames)
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
 def _fake_run(log_dir: Path, name: str, config: dict, age_s: float = 0) -> Path:
     folder = log_dir / "runs" / "2026-11-28" / name
     (folder / ".hydra").mkdir(parents=True)
@@ -566,6 +605,59 @@ def test_a_config_error_from_the_command_line_is_one_line_and_exit_status_2(tmp_
     assert "Traceback" not in printed and "HYDRA_FULL_ERROR=1 for" not in printed
     assert "Traceback" in (run_dir / "run.log").read_text()
     assert not (run_dir / "results.json").exists()
+
+
+class FailAtStep(L.Callback):
+    """Test helper: a failure during the work (as an error inside torch would be) at `at_step`,
+    after writing the process's command line (what W&B records with a run) to `argv_file`."""
+
+    def __init__(self, at_step: int, argv_file: str, note: str = "") -> None:
+        self.at_step, self.argv_file = at_step, Path(argv_file)
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            self.argv_file.write_text(json.dumps(sys.argv))
+            raise RuntimeError(f"boom at step {self.at_step}")
+
+
+def test_a_failure_during_the_work_is_exit_status_1_with_no_results_and_no_secret_in_dot_hydra(
+    tmp_path, shared_cache
+):
+    """From the command line: an error while training is one line and exit status 1, no
+    results.json; a secret typed on the command line is gone from `.hydra/*.yaml` (which Hydra
+    writes before the job starts) and from the command line W&B would record."""
+    token = "hf_TOKEN0123456789abc"
+    run_dir, argv_file = tmp_path / "run", tmp_path / "argv.json"
+    process = _mint(
+        [
+            *SMOKE,
+            "trainer.max_steps=3",
+            "trainer.enable_progress_bar=false",
+            "+callbacks.fail._target_=tests.test_reliability.FailAtStep",
+            "+callbacks.fail.at_step=1",
+            f"+callbacks.fail.argv_file={argv_file}",
+            f"+callbacks.fail.note={token}",
+            f"hydra.run.dir={run_dir}",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={shared_cache}",
+        ],
+        _env(HF_TOKEN=token),
+        tmp_path / "out.txt",
+    )
+    try:
+        assert process.wait(timeout=300) == 1, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        process.kill()
+    printed = (tmp_path / "out.txt").read_text()
+    assert "mint: error: boom at step 1" in printed and "Traceback" not in printed
+    assert not (run_dir / "results.json").exists()
+    hydra_files = sorted(p.name for p in (run_dir / ".hydra").glob("*.yaml"))
+    assert hydra_files == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    for name in hydra_files:
+        text = (run_dir / ".hydra" / name).read_text()
+        assert token not in text and REDACTED in text, name
+    argv = json.loads(argv_file.read_text())
+    assert f"+callbacks.fail.note={REDACTED}" in argv and not any(token in a for a in argv)
 
 
 def test_exit_status_tells_input_errors_from_failures_of_the_work():

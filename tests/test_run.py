@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from peft import PeftModel
@@ -126,7 +128,44 @@ def test_saved_adapter_reproduces_the_evaluated_model(make_cfg, prefs_path, shar
     assert loss.item() == pytest.approx(results["val/loss"], rel=1e-5)
 
 
-def test_qlora_4bit_run_on_cpu(make_cfg, prefs_path):
+class Probe4bit(L.Callback):
+    """Test helper: writes to `path` what the trained model is made of (4-bit layers, layers in
+    all, non-finite trainable weights after training)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import bitsandbytes as bnb
+
+        model = pl_module.model
+        self.path.write_text(
+            json.dumps(
+                {
+                    "layers": model.config.num_hidden_layers,
+                    "linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+                    "nf4": sorted(
+                        {
+                            m.weight.quant_state.quant_type
+                            for m in model.modules()
+                            if isinstance(m, bnb.nn.Linear4bit)
+                        }
+                    ),
+                    "non_finite": [
+                        n
+                        for n, p in model.named_parameters()
+                        if p.requires_grad and not torch.isfinite(p).all()
+                    ],
+                    "trainable": sum(p.requires_grad for p in model.parameters()),
+                }
+            )
+        )
+
+
+def test_qlora_4bit_run_on_cpu_trains_on_4bit_layers(make_cfg, tmp_path, prefs_path):
+    """quant=nf4: every projection of every decoder layer is a bitsandbytes Linear4bit (NF4) while
+    the run trains; losses and the trained weights are finite."""
+    probe = tmp_path / "probe.json"
     results = run(
         make_cfg(
             "task=custom",
@@ -135,9 +174,16 @@ def test_qlora_4bit_run_on_cpu(make_cfg, prefs_path):
             "quant=nf4",
             "debug=smoke",
             "trainer.max_steps=4",
+            "+callbacks.probe._target_=tests.test_run.Probe4bit",
+            f"+callbacks.probe.path={probe}",
         )
     )
-    assert results["train/steps"] == 4 and results["val/loss"] == pytest.approx(results["val/loss"])
+    seen = json.loads(probe.read_text())
+    assert seen["linear4bit"] == 7 * seen["layers"] > 0  # q, k, v, o, gate, up, down per layer
+    assert seen["nf4"] == ["nf4"]
+    assert seen["trainable"] > 0 and seen["non_finite"] == []
+    assert results["train/steps"] == 4
+    assert math.isfinite(results["train/loss"]) and math.isfinite(results["val/loss"])
 
 
 def test_same_seed_same_numbers(make_cfg, tmp_path, prefs_path):
@@ -195,21 +241,72 @@ def test_cli_entry_point_runs_the_default_job(tmp_path, shared_cache):
     assert "results in" in printed and "test/top1" in printed
 
 
-def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(make_cfg, tmp_path, prefs_path):
+class RecordSteps(L.Callback):
+    """Test helper: appends the global step after every training batch to `path`, one per line
+    (a file, so that it also counts in another process and across runs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step}\n")
+
+
+def recorded_steps(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_resume_from_a_mid_run_checkpoint_trains_only_the_remaining_steps_and_matches(
+    make_cfg, tmp_path, prefs_path
+):
+    """Resuming from step 6 of 12 trains steps 7..12 only, from the checkpoint's weights (a
+    doctored checkpoint gives another result), and ends like the uninterrupted run; a finished
+    run resumed with resume=true trains no step."""
+    steps = tmp_path / "steps.txt"
     args = (
         "task=custom",
         f"task.prefs_path={prefs_path}",
         "optim=orpo",
         "debug=smoke",
         "callbacks.model_checkpoint.save_top_k=-1",
+        "+callbacks.record_steps._target_=tests.test_run.RecordSteps",
+        f"+callbacks.record_steps.path={steps}",
     )
-    full = run(make_cfg(*args, output_dir=tmp_path / "full"))
+
+    def counted(*extra: str, output_dir: Path) -> tuple[dict, list[int]]:
+        steps.unlink(missing_ok=True)
+        results = run(make_cfg(*args, *extra, output_dir=output_dir))
+        return results, recorded_steps(steps)
+
+    full, trained = counted(output_dir=tmp_path / "full")
+    assert trained == list(range(1, 13))
     mid = tmp_path / "full" / "student" / "checkpoints" / "step6.ckpt"
-    assert mid.exists()
-    resumed = run(make_cfg(*args, f"ckpt_path={mid}", output_dir=tmp_path / "resumed"))
+    assert torch.load(mid, weights_only=True)["global_step"] == 6
+
+    resumed, trained = counted(f"ckpt_path={mid}", output_dir=tmp_path / "resumed")
+    assert trained == list(range(7, 13))  # the remaining steps only
     assert resumed["train/steps"] == full["train/steps"] == 12
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
+
+    # The same steps from other weights: the resumed run really starts from what the file holds.
+    checkpoint = torch.load(mid, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    checkpoint["state_dict"] = {
+        k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in checkpoint["state_dict"].items()
+    }
+    doctored = tmp_path / "doctored.ckpt"
+    torch.save(checkpoint, doctored)
+    other, trained = counted(f"ckpt_path={doctored}", output_dir=tmp_path / "doctored")
+    assert trained == list(range(7, 13))
+    assert abs(other["val/loss"] - full["val/loss"]) > 1e-3
+
+    # A finished run "resumes" at its end: no step trained, the same validation.
+    again, trained = counted("resume=true", output_dir=tmp_path / "full")
+    assert trained == []
+    assert again["train/steps"] == 12
+    assert again["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
 
 
 def test_any_local_llama_folder_as_student(make_cfg, tmp_path, prefs_path):

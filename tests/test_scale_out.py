@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -92,6 +93,30 @@ def test_distributed_trainer_configs_build_their_lightning_strategy(make_cfg, tr
 
 
 # --- DDP, 2 CPU processes -----------------------------------------------------------
+class RecordWrites(L.Callback):
+    """Test helper, configured as a callback so that every DDP process builds one: from then on,
+    each file that process opens for writing or renames into place under `root` is appended
+    (`<rank> <path>`) to `log` (Python audit events; opened once, so logging adds no events)."""
+
+    def __init__(self, root: str, log: str) -> None:
+        rank = os.environ.get("LOCAL_RANK", "0")  # set by Lightning in the processes it starts
+        handle = open(log, "a", buffering=1)  # noqa: SIM115  (open for the life of the process)
+        written = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+        def hook(event: str, args: tuple) -> None:
+            if event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+                path, mode, flags = os.fsdecode(args[0]), args[1], args[2] or 0
+                writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & written)
+            elif event == "os.rename":
+                path, writes = os.fsdecode(args[1]), True
+            else:
+                return
+            if writes and path.startswith(root):
+                handle.write(f"{rank} {os.path.relpath(path, root)}\n")
+
+        sys.addaudithook(hook)
+
+
 def test_ddp_on_two_cpu_processes_trains_and_rank_zero_writes_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -109,6 +134,9 @@ def test_ddp_on_two_cpu_processes_trains_and_rank_zero_writes_once(tmp_path):
             "trainer.enable_progress_bar=false",
             f"hydra.run.dir={run_dir}",
             f"paths.log_dir={tmp_path}",
+            "+callbacks.record_writes._target_=tests.test_scale_out.RecordWrites",
+            f"+callbacks.record_writes.root={run_dir}",
+            f"+callbacks.record_writes.log={tmp_path / 'writes.txt'}",
         ],
         cwd=ROOT,
         env=ENV,
@@ -117,6 +145,13 @@ def test_ddp_on_two_cpu_processes_trains_and_rank_zero_writes_once(tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # From the student stage on, rank 1 writes nothing into the run folder; rank 0 puts each of
+    # the run's files in place once.
+    writes = [line.split(" ", 1) for line in (tmp_path / "writes.txt").read_text().splitlines()]
+    assert {rank for rank, _ in writes} == {"0"}, [w for w in writes if w[0] != "0"]
+    placed = [path for _, path in writes]
+    for name in ("results.json", "results.md", "student/metrics.json", "student/adapter"):
+        assert placed.count(name) == 1, (name, placed)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/processes"] == 2 and results["train/steps"] == 4
     assert 0.0 <= results["val/rewards/accuracies"] <= 1.0

@@ -48,3 +48,37 @@ def test_trl_orpo_trains_on_the_pipeline_preference_dataset_unchanged(make_cfg, 
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def _bench():
+    """experiments/bench_preference.py: its MINT and TRL runners train on the same token ids."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_preference.py"
+    spec = importlib.util.spec_from_file_location("bench_preference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_preference"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("loss", ["orpo", "dpo"])
+def test_the_module_losses_equal_trls_trainers_on_the_same_tokens_and_weights(tmp_path, loss):
+    """PreferenceModule's ORPO and DPO losses (packed and unpacked) equal TRL's ORPOTrainer and
+    DPOTrainer (`compute_loss`) on the same pairs and weights, within 1e-5."""
+    import dataclasses
+
+    bench = _bench()
+    settings = dataclasses.replace(
+        bench.settings_for(quick=True, gradient_checkpointing=False), pairs=8, prompt_len=24, answer_len=6
+    )
+    pairs = bench.make_pairs(settings)
+    methods = [f"mint_packed_{loss}", f"mint_unpacked_{loss}", f"trl_{loss}"]
+    runners = {m: bench.make_runner(m, settings, pairs, str(tmp_path / m)) for m in methods}
+    for runner in runners.values():
+        bench.perturb_lora(runner.model, settings.seed)  # a trained-looking adapter, the same in all
+    for batch in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        trl = runners[f"trl_{loss}"].first_batch_loss(batch)
+        for method in methods[:2]:
+            assert runners[method].first_batch_loss(batch) == pytest.approx(trl, abs=1e-5), method

@@ -6,19 +6,25 @@ Each object is instantiated from its config node (`conf/logger`, `conf/callbacks
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+from mint.files import write_atomic
 
 
 def build_loggers(
@@ -115,10 +121,31 @@ class CheckpointOnSigterm(L.Callback):
         )
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a local checkpoint whole to a temp file in its own folder (fsynced), then renames it
+    onto its name (`mint.files.write_atomic`): a kill at any point leaves the previous file or
+    the new one, never half of one.
+
+    Lightning's own writer puts the temp file in the system temp folder and moves it: where that
+    is another file system (a node-local /tmp, checkpoints on shared storage) the move is a copy
+    into the checkpoint itself. Remote paths keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(Path(path), buffer.getvalue())
+
+
 def build_trainer(node: DictConfig, *, loggers: list, callbacks: list, root_dir: Path) -> L.Trainer:
     trainer: L.Trainer = instantiate(
         node, logger=loggers or False, callbacks=callbacks, default_root_dir=str(root_dir)
     )
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     refuse_lightning_launch_in_a_sweep(trainer)
     return trainer
 
