@@ -154,6 +154,9 @@ class EvalConfig:
     # tokens that can only repeat a name already listed (mint.eval.constraints). The metric is
     # unchanged: an answer is valid only with the header and n distinct known names.
     no_repeated_names: bool = False
+    # Closed-set decoding: inside an item only a label not yet listed can be written (a student
+    # that misspells names gets the nearest known spelling its own scores prefer). Off by default.
+    known_names_only: bool = False
     max_samples: int | None = bounded(None, ge=1)  # evaluate the first N samples of each evaluated split
     n_boot: int = bounded(1000, ge=1)  # bootstrap resamples for the 95% CIs
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:

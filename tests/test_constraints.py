@@ -95,3 +95,24 @@ def test_a_listed_name_that_opens_a_longer_label_leaves_the_longer_one_free():
     }
     assert " with" in {tok.decode([i]) for i in range(len(tok))}
     assert "'" in banned and " with" not in banned  # closing the listed name is masked, going on is not
+
+
+def test_known_names_only_allows_just_the_unlisted_labels_inside_an_item():
+    """Closed-set decoding: a misspelling ('Bladdr') is impossible, and so is a listed name."""
+    tok = tokenizer()
+    constraint = NoRepeatedNames(tok, LABELS, prompt_length=0, known_names_only=True)
+    allowed = set(constraint.allowed_tokens("TISSUE:\n1. 'Breast'\n2. '"))
+    assert {token_id(tok, "Bladder"), token_id(tok, "Colon"), token_id(tok, "Bile")} <= allowed
+    assert token_id(tok, "Breast") not in allowed
+    # Every allowed token keeps the item on the way to an unlisted label, quote included.
+    for token in allowed:
+        piece = tok.decode([token])
+        assert any(
+            (label + "'").startswith(piece) or piece.startswith(label + "'")
+            for label in LABELS
+            if label != "Breast"
+        ), piece
+    # Mid-name only that name's continuation; outside an item nothing is restricted.
+    mid = {tok.decode([t]) for t in constraint.allowed_tokens("TISSUE:\n1. 'Breast'\n2. 'Bl")}
+    assert mid and all("adder'".startswith(p) or p.startswith("adder'") for p in mid)
+    assert constraint.allowed_tokens("TISSUE:\n1. 'Breast'\n2.") == []

@@ -33,7 +33,17 @@ class NoRepeatedNames(LogitsProcessor):
     (byte-level BPE as in the tiny students, SmolLM2 and Llama 3).
     """
 
-    def __init__(self, tokenizer: Any, labels: Sequence[str], prompt_length: int, quote: str = "'"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        labels: Sequence[str],
+        prompt_length: int,
+        quote: str = "'",
+        known_names_only: bool = False,
+    ):
+        """`known_names_only`: inside an item, allow only tokens on the way to a label not yet
+        listed (closed-set decoding), not merely forbid the listed ones."""
+        self.known_names_only = known_names_only
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.prompt_length = prompt_length
@@ -57,11 +67,39 @@ class NoRepeatedNames(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
             text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
+            allowed = self.allowed_tokens(text) if self.known_names_only else None
+            if allowed:
+                keep = scores[row, allowed].clone()
+                scores[row] = -float("inf")
+                scores[row, allowed] = keep
+                continue
             banned = self.banned_tokens(text)
             if banned:
                 # `banned` holds ids of the tokenizer; a model may have a few extra output rows.
                 scores[row, [i for i in banned if i < scores.shape[1]]] = -float("inf")
         return scores
+
+    def allowed_tokens(self, text: str) -> list[int]:
+        """Inside an item: the token ids that keep it on the way to a label not yet listed
+        (closing quote included). Empty outside an item, or when no such label is left."""
+        *done_lines, current = text.split("\n")
+        inside = self._open_item.match(current)
+        if inside is None:
+            return []
+        partial = inside.group("partial")
+        listed = {
+            label
+            for line in done_lines
+            if (item := self._done_item.match(line)) is not None
+            and (label := self._label(item.group("name").strip()))
+        }
+        allowed: set[int] = set()
+        for label in self.labels:
+            target = label + self.quote
+            if label not in listed and target.startswith(partial):
+                for piece in self._pieces_towards(target[len(partial) :]):
+                    allowed.update(self._ids_by_piece[piece])
+        return sorted(allowed)
 
     def banned_tokens(self, text: str) -> list[int]:
         """Token ids that, appended to the answer `text`, can only repeat a listed label."""

@@ -29,6 +29,8 @@ class DecodingSettings:
     # Mask tokens that can only repeat a name the answer already lists (mint.eval.constraints);
     # needs the label set passed to generate_answers.
     no_repeated_names: bool = False
+    # Stronger: inside an item only a label not yet listed can be written (closed-set decoding).
+    known_names_only: bool = False
 
     def generation_config(self, tokenizer: Any) -> GenerationConfig:
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
@@ -58,8 +60,9 @@ def generate_answers(
     (an image student's kind passes one that adds each prompt's image, mint.student.kinds).
     `labels` and `quote` (the answer format's) are what `settings.no_repeated_names` reads.
     """
-    if settings.no_repeated_names and labels is None:
-        raise ValueError("no_repeated_names needs the label set: pass labels= to generate_answers")
+    constrained = settings.no_repeated_names or settings.known_names_only
+    if constrained and labels is None:
+        raise ValueError("no_repeated_names and known_names_only need the label set: pass labels=")
     was_training = model.training
     model.eval()
     config = settings.generation_config(tokenizer)
@@ -79,10 +82,12 @@ def generate_answers(
                 batch = model_inputs(texts, indices)
             batch = batch.to(model.device)
             processors = LogitsProcessorList()
-            if settings.no_repeated_names:
+            if constrained:
                 # Left padding: every row's answer starts after the same prompt width.
                 prompt_length = batch["input_ids"].shape[1]
-                processors.append(NoRepeatedNames(tokenizer, labels, prompt_length, quote))
+                processors.append(
+                    NoRepeatedNames(tokenizer, labels, prompt_length, quote, settings.known_names_only)
+                )
             output = model.generate(**batch, generation_config=config, logits_processor=processors)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

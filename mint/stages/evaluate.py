@@ -73,6 +73,7 @@ def eval_job(cfg: DictConfig) -> EvalJob:
             top_k=settings.top_k,
             batch_size=settings.batch_size,
             no_repeated_names=settings.no_repeated_names,
+            known_names_only=settings.known_names_only,
         ),
         max_samples=settings.max_samples,
         on_val=settings.on_val,
