@@ -75,3 +75,16 @@ def random_llama(vocab_size: int, max_positions: int, *, attn: str = "sdpa", see
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config).float().eval()
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py as a module (experiments/ is scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

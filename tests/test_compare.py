@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from mint.run import run
+from tests.conftest import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare()
+compare = load_experiment("compare")
 SMOKE = ("task=rare_disease", "debug=smoke")
 
 

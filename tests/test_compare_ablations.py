@@ -3,10 +3,8 @@ ablation's overrides reach the training data, and that a resumed comparison skip
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,9 @@ from omegaconf import OmegaConf
 from mint.stages.prefs import prefs_stage
 from mint.stages.teacher import load_task, teacher_stage
 from mint.student.kinds import student_kind
+from tests.conftest import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare()
+compare = load_experiment("compare")
 
 SMOKE = ("task=rare_disease", "debug=smoke")
 UNIMODAL = compare.UNIMODAL_TEACHER["rare_disease"][1]

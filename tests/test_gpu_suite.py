@@ -11,19 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import load_experiment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_suite_tiny_runs_every_step(tmp_path):
-    suite = _module("gpu_suite")
+    suite = load_experiment("gpu_suite")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable)
     done = subprocess.run(
@@ -68,7 +62,7 @@ def test_gpu_suite_tiny_runs_every_step(tmp_path):
 
 
 def test_gpu_suite_refuses_without_cuda(monkeypatch, capsys):
-    suite = _module("gpu_suite")
+    suite = load_experiment("gpu_suite")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -83,7 +77,7 @@ def _fake_wheel(folder: Path, name: str, size: int, seed: int) -> Path:
 
 
 def test_gpu_wheels_split_and_assemble(tmp_path):
-    wheels = _module("gpu_wheels")
+    wheels = load_experiment("gpu_wheels")
     full = tmp_path / ".gpu_wheels" / "wheels"
     full.mkdir(parents=True)
     small = [_fake_wheel(full, f"pkg{i}-1.0-py3-none-any.whl", 50_000, i) for i in range(3)]

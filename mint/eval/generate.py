@@ -62,7 +62,7 @@ def generate_answers(
     """
     constrained = settings.no_repeated_names or settings.known_names_only
     if constrained and labels is None:
-        raise ValueError("no_repeated_names and known_names_only need the label set: pass labels=")
+        raise ValueError("no_repeated_names or known_names_only needs the label set: pass labels=")
     was_training = model.training
     model.eval()
     config = settings.generation_config(tokenizer)
