@@ -11,7 +11,13 @@ import torch
 
 from mint.data.task_data import SPLITS
 from mint.data.tissue import TISSUES, simulate_tissue
-from mint.data.tissue_corpus import TISSUE_WORDS, check_corpus_disjoint, image_digest, simulate_tissue_corpus
+from mint.data.tissue_corpus import (
+    TISSUE_WORDS,
+    check_corpus_disjoint,
+    corpus_digests,
+    image_digest,
+    simulate_tissue_corpus,
+)
 from mint.leakage import LeakageError
 from mint.stages.teacher import load_task, teacher_stage
 from mint.teacher.clip import ClipTeacher
@@ -56,15 +62,17 @@ def test_corpus_pixels_are_the_simulators_under_the_corpus_seed() -> None:
     corpus = simulate_tissue_corpus(seed=0, **SMALL)
     task = simulate_tissue(seed=0, **TASK)
     task_digests = {image_digest(s) for split in SPLITS for s in task.splits[split]}
-    corpus_digests = {image_digest(s) for split in SPLITS for s in corpus.splits[split]}
-    assert corpus_digests == task_digests
+    corpus_pixels = {image_digest(s) for split in SPLITS for s in corpus.splits[split]}
+    assert corpus_pixels == task_digests
 
 
 def test_a_corpus_sharing_a_task_image_is_refused_naming_the_split_and_key() -> None:
     task = simulate_tissue(seed=0, **TASK)
-    check_corpus_disjoint(simulate_tissue_corpus(seed=1000, **SMALL), task)  # disjoint: passes
+    check_corpus_disjoint(
+        corpus_digests(simulate_tissue_corpus(seed=1000, **SMALL)), task
+    )  # disjoint: passes
     with pytest.raises(LeakageError, match=r"tissue (train|val|test) sample .*teacher\.pretrain\.corpus"):
-        check_corpus_disjoint(simulate_tissue_corpus(seed=0, **SMALL), task)
+        check_corpus_disjoint(corpus_digests(simulate_tissue_corpus(seed=0, **SMALL)), task)
 
 
 def test_the_stage_refuses_a_corpus_drawn_with_the_tasks_seed(make_cfg) -> None:

@@ -97,18 +97,23 @@ def image_digest(sample: Sample) -> str:
     return sha256_hex(np.ascontiguousarray(sample.image).tobytes())
 
 
-def check_corpus_disjoint(corpus: TaskData, task: TaskData) -> None:
-    """Refuse a pretraining corpus that holds any sample of the task, by id or by pixels."""
+def corpus_digests(corpus: TaskData) -> dict[str, str]:
+    """Sample id -> pixel digest of every corpus sample: what the disjointness check needs,
+    small enough to keep beside the pretrained tower so a cached run need not redraw the corpus."""
+    return {s.id: image_digest(s) for samples in corpus.splits.values() for s in samples}
+
+
+def check_corpus_disjoint(corpus: dict[str, str], task: TaskData) -> None:
+    """Refuse a pretraining corpus (`corpus_digests`) that holds any task sample, by id or by pixels."""
     task_samples = {s.id: (split, s.id) for split, samples in task.splits.items() for s in samples}
     task_samples |= {
         image_digest(s): (split, s.id) for split, samples in task.splits.items() for s in samples
     }
-    for samples in corpus.splits.values():
-        for s in samples:
-            found = task_samples.get(s.id) or task_samples.get(image_digest(s))
-            if found:
-                raise LeakageError(
-                    f"teacher pretraining corpus sample {s.id!r} is {task.name} {found[0]} sample {found[1]!r} "
-                    "(same id or same pixels): the corpus must be disjoint from every split of the task; "
-                    "give teacher.pretrain.corpus a seed the task does not use"
-                )
+    for sample_id, digest in corpus.items():
+        found = task_samples.get(sample_id) or task_samples.get(digest)
+        if found:
+            raise LeakageError(
+                f"teacher pretraining corpus sample {sample_id!r} is {task.name} {found[0]} sample {found[1]!r} "
+                "(same id or same pixels): the corpus must be disjoint from every split of the task; "
+                "give teacher.pretrain.corpus a seed the task does not use"
+            )

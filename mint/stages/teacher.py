@@ -22,12 +22,13 @@ from omegaconf import DictConfig
 from mint.cache import cached, config_key
 from mint.config import plain
 from mint.data.task_data import TaskData
-from mint.data.tissue_corpus import check_corpus_disjoint
+from mint.data.tissue_corpus import check_corpus_disjoint, corpus_digests
 from mint.teacher.crossfit import TeacherResult, fit_teacher
 from mint.teacher.pretrain import CHECKPOINT, pretrain_teacher
 
 # Teacher settings that do not change the pretrained tower: pretraining fixes both loss weights
 # and has its own learning rate, and where MiniLM embeddings are cached changes no number.
+CORPUS_DIGESTS = "corpus_digests.json"  # sample id -> pixel digest, kept with the pretrained tower
 NOT_PRETRAINING_KEYS = {"contrastive_weight", "class_weight", "lr", "embed_cache_dir"}
 
 
@@ -102,15 +103,14 @@ def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
     settings, not by the run seed or the task: every seed and method shares one."""
     pre = cfg.teacher.pretrain
     per_label = math.ceil(pre.scale * len(task.splits["train"]) / len(task.labels))
-    corpus = instantiate(pre.corpus, train_per_tissue=per_label, _convert_="all")
-    check_corpus_disjoint(corpus, task)
+    corpus_node = plain(pre.corpus) | {"train_per_tissue": per_label}
     model = {
         name: value for name, value in plain(cfg.teacher.model).items() if name not in NOT_PRETRAINING_KEYS
     }
     # zero_shot decides what happens after pretraining, not the tower: not part of the key.
-    settings = {name: value for name, value in plain(pre).items() if name != "zero_shot"}
+    settings = {name: value for name, value in plain(pre).items() if name not in ("zero_shot", "corpus")}
     key = {
-        "corpus": corpus.fingerprint(),
+        "corpus": corpus_node,
         "model": model,
         "pretrain": settings,
         "fit": {"trainer": plain(cfg.teacher.trainer), "patience": cfg.teacher.patience},
@@ -118,6 +118,10 @@ def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
     }
 
     def make(folder: Path) -> None:
+        corpus = instantiate(pre.corpus, train_per_tissue=per_label, _convert_="all")
+        digests = corpus_digests(corpus)
+        check_corpus_disjoint(digests, task)
+        (folder / CORPUS_DIGESTS).write_text(json.dumps(digests))
         pretrain_teacher(
             corpus,
             make_teacher=partial(instantiate(cfg.teacher.model, _convert_="all"), lr=pre.lr),
@@ -130,4 +134,7 @@ def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
             fit_threads=cfg.teacher.fit_threads,
         )
 
-    return cached(Path(cfg.paths.cache_dir), "teacher_pretrain", key, make) / CHECKPOINT
+    entry = cached(Path(cfg.paths.cache_dir), "teacher_pretrain", key, make)
+    # Every run, against this run's task: the stored digests, not a redrawn corpus.
+    check_corpus_disjoint(json.loads((entry / CORPUS_DIGESTS).read_text()), task)
+    return entry / CHECKPOINT

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from mint.data.task_data import TaskData
 from mint.teacher.crossfit import FitSpec, TeacherModule, fit_one, quiet_lightning, torch_threads
@@ -63,7 +64,9 @@ def pretrain_teacher(
                 ckpt_dir=out_dir / "fit",
                 desc="teacher pretraining",
             )
-            val_metrics = trainer.validate(teacher, _loader(data["val"], batch_size), verbose=False)[0]
+            val_metrics = trainer.validate(
+                teacher, DataLoader(data["val"], batch_size=batch_size), verbose=False
+            )[0]
     torch.save({"state_dict": teacher.state_dict()}, out_dir / CHECKPOINT)
     best.unlink()
     (out_dir / "fit").rmdir()
@@ -82,7 +85,3 @@ def pretrain_teacher(
         metrics["teacher/pretrain/time_s"],
     )
     return metrics
-
-
-def _loader(data: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(data, batch_size=batch_size)
