@@ -26,9 +26,9 @@ from mint.data.tissue_corpus import check_corpus_disjoint, corpus_digests
 from mint.teacher.crossfit import TeacherResult, fit_teacher
 from mint.teacher.pretrain import CHECKPOINT, pretrain_teacher
 
+CORPUS_DIGESTS = "corpus_digests.json"  # sample id -> pixel digest, kept with the pretrained tower
 # Teacher settings that do not change the pretrained tower: pretraining fixes both loss weights
 # and has its own learning rate, and where MiniLM embeddings are cached changes no number.
-CORPUS_DIGESTS = "corpus_digests.json"  # sample id -> pixel digest, kept with the pretrained tower
 NOT_PRETRAINING_KEYS = {"contrastive_weight", "class_weight", "lr", "embed_cache_dir"}
 
 
