@@ -144,11 +144,9 @@ class PrefsConfig:
 
 @dataclass
 class EvalConfig:
+    # The answer's length budget (the decoding strategy is the `generation` group's; a
+    # generation.max_new_tokens, when set, wins).
     max_new_tokens: int = bounded(512, ge=1)
-    do_sample: bool = False  # greedy by default: same seed, same answers
-    temperature: float = bounded(1.0, gt=0)
-    top_p: float = bounded(1.0, gt=0, le=1)
-    top_k: int = bounded(50, ge=0)  # 0: no top-k filter
     batch_size: int = bounded(16, ge=1)
     # Greedy decoding of a weak student repeats its favourite name down the list; true masks
     # tokens that can only repeat a name already listed (mint.eval.constraints). The metric is
@@ -308,6 +306,9 @@ class MintConfig:
     student: StudentConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: dict[str, Any] = field(default_factory=dict)
+    # transformers.GenerationConfig fields, key for key (conf/generation/; checked by
+    # mint.eval.generate.check_generation: an unknown key or a value it refuses stops the run)
+    generation: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = MISSING
     seed: int = bounded(42, ge=0)
@@ -338,6 +339,9 @@ def check_config(cfg: DictConfig) -> None:
     ]
     if problems:
         raise ConfigError("; ".join(problems))
+    from mint.eval.generate import check_generation  # transformers: imported when a run starts
+
+    check_generation(cfg.get("generation") or {})
     from mint.extras import check_packages  # here: a missing package fails at start, not after the teacher
 
     check_packages(cfg)

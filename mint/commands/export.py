@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from mint.commands.trained import TrainedRun, load_trained, open_run
 from mint.config import Modality
-from mint.eval.generate import DecodingSettings
+from mint.eval.generate import DecodingSettings, generation_config
 from mint.files import build_atomically
 from mint.stages.evaluate import eval_job
 from mint.student.load import attach_adapter
@@ -43,7 +43,8 @@ def export(run_dir: str | Path, out: str | Path, *, replace: bool = False) -> Pa
     merged, processor = merged_student(run)
     tokenizer = run.kind.tokenizer(processor)
     decoding = eval_job(run.cfg).decoding if run.is_pipeline else DecodingSettings()
-    merged.generation_config = decoding.generation_config(tokenizer)
+    # The merged model's own end ids are read before its generation config is replaced.
+    merged.generation_config = generation_config(decoding, merged, tokenizer)
 
     def make(folder: Path) -> None:
         merged.save_pretrained(folder)  # safetensors

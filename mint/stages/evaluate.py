@@ -21,10 +21,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mint.config import Method
+from mint.config import Method, plain
 from mint.data.task_data import Sample, TaskData
 from mint.eval.answers import answer_metrics
-from mint.eval.generate import DecodingSettings, generate_answers
+from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
 from mint.files import write_atomic
 from mint.plots import hits_at_k, plot_hits_at_k
@@ -66,14 +66,12 @@ def eval_job(cfg: DictConfig) -> EvalJob:
         answer=AnswerFormat(header=cfg.task.answer.header, n=cfg.task.answer.n),
         q=cfg.task.prefs.q,
         decoding=DecodingSettings(
+            generation=generation_node(cfg),
             max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
             batch_size=settings.batch_size,
             no_repeated_names=settings.no_repeated_names,
             known_names_only=settings.known_names_only,
+            seed=cfg.seed,
         ),
         max_samples=settings.max_samples,
         on_val=settings.on_val,
@@ -82,6 +80,18 @@ def eval_job(cfg: DictConfig) -> EvalJob:
         cache_dir=Path(cfg.paths.cache_dir),
         rag=RagSettings.from_config(cfg.optim.rag) if method is Method.rag else None,
     )
+
+
+def generation_node(cfg: DictConfig) -> dict[str, Any]:
+    """The `generation` node as plain data. A run folder written before the group existed kept its
+    decoding in task.eval (do_sample, temperature, top_p, top_k): `mint ask` and `mint export` read
+    those."""
+    if cfg.get("generation") is not None:
+        return plain(cfg.generation)
+    old = cfg.task.get("eval", {})
+    if not old.get("do_sample", False):
+        return dict(GREEDY)
+    return {"do_sample": True, **{k: old[k] for k in ("temperature", "top_p", "top_k") if k in old}}
 
 
 def eval_stage(
