@@ -46,7 +46,10 @@ KEYS = (
     ("optim.beta=0.1", "ORPO lambda / DPO beta"),
     ("task.max_samples=null", "cap the preference pairs (task=custom|example)"),
     ("task.eval.max_samples=null", "cap the test cases answered"),
-    ("generation.repetition_penalty=null", "any transformers.GenerationConfig field (+generation.KEY=... if unlisted)"),
+    (
+        "generation.repetition_penalty=null",
+        "any transformers.GenerationConfig field (+generation.KEY=... if unlisted)",
+    ),
     ("objective=val/rewards/accuracies", "the metric a sweep optimises"),
     ("paths.cache_dir=outputs/cache", "the stage cache (teachers, preference sets, built students)"),
     ("hydra.run.dir=outputs/runs/NAME", "a fixed run folder"),

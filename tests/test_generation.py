@@ -67,7 +67,9 @@ def test_the_config_node_reaches_the_generate_call(make_cfg, student, monkeypatc
     calls = captured_generate(model, monkeypatch)
     generate_answers(model, tokenizer, PROMPTS[:2], decoding, labels=["Alpha", "Beta"])
     config = calls[0]["generation_config"]
-    assert config.repetition_penalty == 1.3 and config.no_repeat_ngram_size == 3 and config.min_new_tokens == 2
+    assert (
+        config.repetition_penalty == 1.3 and config.no_repeat_ngram_size == 3 and config.min_new_tokens == 2
+    )
     assert config.do_sample is False and config.num_beams == 1  # greedy stays the default
     assert config.max_new_tokens == 7  # the task's length budget, unless the node sets one
     wider = DecodingSettings(generation={**GREEDY, "max_new_tokens": 3}, max_new_tokens=7)
@@ -78,8 +80,9 @@ def test_the_config_node_reaches_the_generate_call(make_cfg, student, monkeypatc
 def test_the_paper_choice_samples_with_the_papers_settings_per_task(make_cfg):
     rare = eval_job(make_cfg("task=rare_disease", "generation=paper")).decoding.generation
     tissue = eval_job(make_cfg("task=tissue", "generation=paper")).decoding.generation
-    assert (rare["do_sample"], rare["temperature"], rare["top_p"], rare["top_k"]) == (True, 0.8, 0.8, 10)
-    assert (tissue["do_sample"], tissue["temperature"], tissue["top_p"], tissue["top_k"]) == (True, 0.7, 0.6, 10)
+    keys = ("do_sample", "temperature", "top_p", "top_k")
+    assert [rare[k] for k in keys] == [True, 0.8, 0.8, 10]
+    assert [tissue[k] for k in keys] == [True, 0.7, 0.6, 10]
     assert eval_job(make_cfg("task=tissue")).decoding.generation["do_sample"] is False
     assert eval_job(make_cfg("experiment=paper_rare_disease")).decoding.generation["temperature"] == 0.8
     # A run folder from before the group kept its decoding in task.eval: ask/export still read it.
@@ -132,7 +135,9 @@ def test_a_bad_generation_key_or_value_is_an_error_naming_the_key(make_cfg):
     }
     # From the command line: the run stops before any work.
     cfg = make_cfg("task=rare_disease", "+generation.repetition_penalti=1.2", "debug=smoke")
-    with pytest.raises(ConfigError, match=r"generation\.repetition_penalti: .*generation\.repetition_penalty"):
+    with pytest.raises(
+        ConfigError, match=r"generation\.repetition_penalti: .*generation\.repetition_penalty"
+    ):
         run(cfg)
     assert not (Path(cfg.paths.output_dir) / "teacher").exists()
 
