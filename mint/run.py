@@ -81,12 +81,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if not is_global_zero():
                 # An extra DDP process: its share of training is done; rank 0 evaluates and writes.
                 return results
-            plots = []
+            media = []  # plots and the predictions tables, for W&B
             if pipeline and stage is Stage.all:
-                eval_metrics, plot = eval_stage(cfg, kind, task, teacher, model, processor, run_dir)
+                eval_metrics, media = eval_stage(cfg, kind, task, teacher, model, processor, run_dir)
                 results |= eval_metrics
-                plots.append(plot)
-            log_final(loggers, results, plots, step=int(results.get("train/steps", 0)))
+            log_final(loggers, results, media, step=int(results.get("train/steps", 0)))
         finally:
             close_loggers(loggers)
 

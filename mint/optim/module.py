@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from mint.config import Method
 from mint.optim.forward import (
@@ -149,12 +150,13 @@ class PreferenceModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        self.log_grad_norm(list(grads.values()))
         # A finite loss can still give an inf/NaN gradient (an overflow in backward); one such
         # step turns every weight NaN and the next checkpoint would keep them. Stop first.
         # fp16 mixed precision is the exception: its GradScaler skips those steps by design.
         if self.trainer.precision == "16-mixed":
             return
-        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
         if not grads or torch.stack([torch.isfinite(g).all() for g in grads.values()]).all():
             return  # one device sync per step, not one per parameter
         bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
@@ -163,6 +165,18 @@ class PreferenceModule(L.LightningModule):
             f"{bad[0]}; lower optim.optimizer.lr or check the data. The weights were not "
             "updated and the last checkpoint is kept."
         )
+
+    def log_grad_norm(self, grads: list[torch.Tensor]) -> None:
+        """`train/grad_norm`: the total L2 norm of the trainable weights' gradients, before clipping
+        (Lightning clips after this hook; fp16 gradients are unscaled by then), over all gradient
+        accumulation steps of the optimizer step. Under FSDP each process holds a shard of every
+        gradient: their squared norms are summed across processes."""
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            norm = self.trainer.strategy.reduce(norm.pow(2), reduce_op="sum").sqrt()
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the trainable weights only: a 3B base would otherwise be copied

@@ -37,6 +37,9 @@ class Rows:
 
     train: list[dict]
     val: list[dict]
+    # Where they were read from (a stage cache entry or the user's file or folder; None for a Hub
+    # id): what the run logs as its preference dataset artifact.
+    source: Path | None = None
 
 
 class _RowError(ValueError):

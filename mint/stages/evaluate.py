@@ -32,6 +32,7 @@ from mint.prefs.builder import PromptTemplate
 from mint.prefs.formats import AnswerFormat
 from mint.rag import KnowledgeBase, RagSettings, augment_prompts, knowledge_base
 from mint.report import write_metrics
+from mint.stages.trainer import Table
 from mint.student.kinds import StudentKind
 from mint.teacher.crossfit import TeacherResult
 
@@ -102,12 +103,14 @@ def eval_stage(
     model: torch.nn.Module,
     processor: Any,
     run_dir: Path,
-) -> tuple[dict[str, float], Path]:
+) -> tuple[dict[str, float], list[Path | Table]]:
     """Metrics of the student on the test split (and val with `task.eval.on_val`), written to
-    `eval/metrics.json` and `eval/predictions*.jsonl`, and the hits@k plot against the teacher."""
+    `eval/metrics.json` and `eval/predictions*.jsonl`; for the loggers, the hits@k plot against
+    the teacher and a predictions table per split (`test/predictions`, `val/predictions`)."""
     job = eval_job(cfg)
     out_dir = run_dir / "eval"
     metrics: dict[str, float] = {}
+    media: list[Path | Table] = []
     rag = None
     if job.rag is not None:
         kb = knowledge_base(task, job.rag, job.cache_dir)
@@ -119,10 +122,31 @@ def eval_stage(
         name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
         lines = [json.dumps(record, ensure_ascii=False) for record in records]
         write_atomic(out_dir / name, "\n".join(lines) + "\n")
+        media.append(predictions_table(f"{split}/predictions", records, task.splits[split], kind))
         if split == "test":
-            plot = plot_student_vs_teacher(job, task, teacher, records, run_dir)
+            media.append(plot_student_vs_teacher(job, task, teacher, records, run_dir))
     write_metrics(out_dir / "metrics.json", metrics)
-    return metrics, plot
+    return metrics, media
+
+
+def predictions_table(
+    key: str, records: list[dict[str, Any]], samples: list[Sample], kind: StudentKind
+) -> Table:
+    """One row per answered case: its id, the truth, the raw answer, the parsed list (one name a
+    line), where the truth is in it (1-based, None when absent), the hits at 1 and at k, whether
+    the answer is valid, the teacher agreement; and the image, for a student that sees one."""
+    has_car = bool(records) and "car" in records[0]
+    columns = ["id", "truth", "answer", "parsed", "truth_rank", "top1", "topk", "format_valid"]
+    columns += ["car"] * has_car
+    by_id = {s.id: s for s in samples}
+    images = [kind.shown_image(by_id[r["id"]]) for r in records]
+    with_image = any(image is not None for image in images)
+    rows = []
+    for r, image in zip(records, images, strict=True):
+        rank = r["parsed"].index(r["truth"]) + 1 if r["truth"] in r["parsed"] else None
+        row = [r["id"], r["truth"], r["answer"], "\n".join(r["parsed"]), rank, r["top1"], r["topk"]]
+        rows.append(row + [r["format_valid"]] + [r["car"]] * has_car + [image] * with_image)
+    return Table(key, columns + ["image"] * with_image, rows, image_columns=("image",) * with_image)
 
 
 def evaluate_split(

@@ -12,6 +12,7 @@ the rows are used, the leakage checks confirm that no held-out sample reached th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -90,6 +91,7 @@ def prefs_stage(
     rows = Rows(
         train=read_preference_rows(entry / "prefs.jsonl")[: t.max_samples],
         val=read_preference_rows(entry / "val.jsonl"),
+        source=entry,
     )
     check_pipeline_run(  # nothing held out reached the teacher's folds or the student's rows
         task,
@@ -116,4 +118,5 @@ def custom_rows(task: DictConfig, seed: int) -> Rows:
     rows = read_preference_rows(path, on_error=str(task.on_error), split=str(task.prefs_split))
     if task.max_samples is not None:
         rows = rows[: task.max_samples]
-    return split_rows(rows, task.val_fraction, seed)
+    split = split_rows(rows, task.val_fraction, seed)
+    return dataclasses.replace(split, source=path if path.exists() else None)

@@ -41,6 +41,8 @@ from mint.stages.trainer import (
     build_trainer,
     close_loggers,
     gathered_state_dict,
+    log_artifact,
+    wandb_run_name,
 )
 from mint.student.kinds import StudentKind, StudentSpec, TextLengths
 
@@ -330,13 +332,47 @@ def fit_student(
         full_state = gathered_state_dict(trainer)  # all processes take part in the gather
         if trainer.is_global_zero:
             save_adapter(model, processor, stage_dir / "adapter", state_dict=full_state)
+            log_adapter_artifact(loggers, job, stage_dir / "adapter", steps=trainer.global_step)
     if val_loader is not None:
         for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
             metrics.update(result)
     metrics["time/student_s"] = time.time() - started
     if trainer.is_global_zero:
         write_metrics(stage_dir / "metrics.json", metrics)
+        log_dataset_artifact(loggers, job, rows)
     return model, processor, metrics
+
+
+def log_dataset_artifact(loggers: list, job: StudentJob, rows: Rows) -> None:
+    """The preference dataset the student learned from, as a W&B `dataset` artifact (named after its
+    folder or file: a stage cache entry is named by its key, so runs on one set share its versions)."""
+    if rows.source is None:  # a Hub dataset: W&B has no reference to it
+        return
+    task = job.hparams["task"]["name"]
+    log_artifact(
+        loggers,
+        rows.source,
+        name=f"prefs-{task}-{rows.source.stem}",
+        kind="dataset",
+        metadata={"task": task, "train_pairs": len(rows.train), "val_pairs": len(rows.val)},
+        copy=not rows.source.resolve().is_relative_to(job.cache_dir.resolve()),  # cache entries never change
+    )
+
+
+def log_adapter_artifact(loggers: list, job: StudentJob, adapter: Path, *, steps: int) -> None:
+    """The trained adapter as a W&B `model` artifact named after the W&B run (adapter-<run name>)."""
+    run_name = wandb_run_name(loggers)
+    if run_name is None:
+        return
+    metadata = {
+        "task": job.hparams["task"]["name"],
+        "method": str(job.method.method),
+        "student": job.student.name,
+        "base": job.student.name_or_path,
+        "steps": steps,
+        "seed": job.seed,
+    }
+    log_artifact(loggers, adapter, name=f"adapter-{run_name}", kind="model", metadata=metadata)
 
 
 def save_adapter(

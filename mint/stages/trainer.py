@@ -7,6 +7,8 @@ Each object is instantiated from its config node (`conf/logger`, `conf/callbacks
 from __future__ import annotations
 
 import io
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +60,73 @@ def close_loggers(loggers: list) -> None:
             logger.experiment.finish()
 
 
-def log_final(loggers: list, results: dict[str, Any], plots: list[Path], step: int) -> None:
-    """The run's final numbers (teacher, preference set, evaluation) and plots, to every logger."""
+@dataclass(frozen=True)
+class Table:
+    """A table for the loggers that show tables (W&B): plain values, and uint8 [H, W, 3] arrays
+    (or None) in the `image_columns`, which become images."""
+
+    key: str
+    columns: list[str]
+    rows: list[list[Any]]
+    image_columns: tuple[str, ...] = ()
+
+
+def log_final(loggers: list, results: dict[str, Any], media: list[Path | Table], step: int) -> None:
+    """The run's final numbers (teacher, preference set, evaluation), plots (image files) and tables,
+    to every logger (plots and tables to W&B only: the run folder has them as files)."""
     numbers = {
         k: float(v) for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     for logger in loggers:
         logger.log_metrics(numbers, step=step)
         if isinstance(logger, WandbLogger):
-            for path in plots:
-                logger.log_image(key=f"plots/{path.stem}", images=[str(path)], step=step)
+            for item in media:
+                if isinstance(item, Table):
+                    logger.log_table(key=item.key, columns=item.columns, data=wandb_rows(item), step=step)
+                else:
+                    logger.log_image(key=f"plots/{item.stem}", images=[str(item)], step=step)
         logger.save()
+
+
+def wandb_rows(table: Table) -> list[list[Any]]:
+    import wandb
+
+    images = [table.columns.index(c) for c in table.image_columns]
+    return [
+        [wandb.Image(v) if i in images and v is not None else v for i, v in enumerate(row)]
+        for row in table.rows
+    ]
+
+
+def log_artifact(
+    loggers: list, path: Path, *, name: str, kind: str, metadata: dict[str, Any], copy: bool = True
+) -> None:
+    """`path` (a folder or a file) as a W&B artifact of every W&B logger's run, offline too (the run's
+    `.wandb` file records it; `wandb sync` uploads it). `copy=False` for files that never change (stage
+    cache entries): W&B then reads them where they are instead of copying them into its staging
+    folder (WANDB_DATA_DIR, default ~/.local/share/wandb) until the upload."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or getattr(logger.experiment, "disabled", False):
+            continue  # WANDB_MODE=disabled: no checksums of files that go nowhere
+        import wandb
+
+        policy = "mutable" if copy else "immutable"
+        artifact = wandb.Artifact(artifact_name(name), type=kind, metadata=metadata)
+        if path.is_dir():
+            artifact.add_dir(str(path), policy=policy)
+        else:
+            artifact.add_file(str(path), policy=policy)
+        logger.experiment.log_artifact(artifact)
+
+
+def artifact_name(name: str) -> str:
+    """W&B artifact names hold letters, digits, '-', '_' and '.' only (128 at most)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:128]
+
+
+def wandb_run_name(loggers: list) -> str | None:
+    """The name of the W&B run among `loggers` (None without one): what its artifacts are named after."""
+    return next((str(lg.experiment.name) for lg in loggers if isinstance(lg, WandbLogger)), None)
 
 
 def build_callbacks(

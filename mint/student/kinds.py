@@ -107,6 +107,10 @@ class TextStudent:
         """What the student reads of `sample`, for the leakage checks (b"" when nothing)."""
         return normalise_text(sample.text).encode()
 
+    def shown_image(self, sample: Sample) -> np.ndarray | None:
+        """The image the student sees with `sample` (the predictions table shows it): none."""
+        return None
+
     def attach_images(self, rows: list[dict], task: TaskData) -> None:
         """Nothing to attach: a text row holds all the student reads."""
 
@@ -184,6 +188,9 @@ class ImageStudent:
         if sample.image is None:
             return b""
         return sample.image.tobytes() + str(sample.image.shape).encode()
+
+    def shown_image(self, sample: Sample) -> np.ndarray | None:
+        return sample.image
 
     def attach_images(self, rows: list[dict], task: TaskData) -> None:
         """JSONL rows hold no pixels: each row's image comes from the task by sample id."""
