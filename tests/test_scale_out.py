@@ -245,6 +245,52 @@ def test_optuna_sweep_runs_two_trials_and_names_the_best_params(tmp_path, monkey
     assert best["best_params"] in [p for p, v in zip(params, values, strict=True) if v == max(values)]
 
 
+def _optuna_session(tmp_path: Path, monkeypatch, sweep: Path, storage: str, *extra: str) -> None:
+    """One `mint.run -m hparams_search=orpo_optuna` session of 2 smoke trials, in-process."""
+    argv = [
+        "mint.run",
+        "-m",
+        "hparams_search=orpo_optuna",
+        "task=example",
+        "debug=smoke",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "objective=val/rewards/accuracies",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path}",
+        *extra,
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(main.__wrapped__)()
+
+
+def test_an_optuna_study_in_sqlite_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """2 trials, the sweep ends; the same command on the same sqlite storage adds 2 more to the study
+    (the sweep extra keeps SQLAlchemy < 2: optuna 2.10, which the sweeper needs, loses its schema
+    version on SQLAlchemy 2 and fails on the storage's second use)."""
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    storage = f"sqlite:///{db}"
+    _optuna_session(tmp_path, monkeypatch, tmp_path / "first", storage)
+    first = optuna.load_study(study_name="orpo-example", storage=storage).trials  # read now: it is live
+    assert [t.state for t in first] == [optuna.trial.TrialState.COMPLETE] * 2
+    # A new sampler seed for the second session: with the first one's, its random start-up trials
+    # would repeat the first session's parameters.
+    _optuna_session(tmp_path, monkeypatch, tmp_path / "second", storage, "hydra.sweeper.sampler.seed=43")
+    study = optuna.load_study(study_name="orpo-example", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state is optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert [t.params for t in study.trials[:2]] == [t.params for t in first]
+    assert study.trials[2].params not in [t.params for t in first]
+    # The second session's best is over all four trials, as the study holds them.
+    best = yaml.safe_load((tmp_path / "second" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(t.value for t in study.trials))
+
+
 # --- launchers ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("launcher", "target"),
