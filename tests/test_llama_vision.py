@@ -48,7 +48,9 @@ def _pairs(processor, seeds=range(6)) -> list:
     for seed in seeds:
         right, wrong = ("Red", "Blue") if seed % 2 == 0 else ("Blue", "Red")
         chosen, rejected = f"The colour is {right}.", f"The colour is {wrong}" + "!" * (seed % 3)
-        pairs.append(encode_vision_pair(processor, _image(right, seed), PROMPT, chosen, rejected, max_length=96))
+        pairs.append(
+            encode_vision_pair(processor, _image(right, seed), PROMPT, chosen, rejected, max_length=96)
+        )
     return pairs
 
 
@@ -74,7 +76,9 @@ def _image_inputs(processor, ids: torch.Tensor, seed: int = 0) -> dict[str, torc
     )
 
 
-def assert_llama_logits(student: torch.nn.Module, llama: torch.nn.Module, processor, ids: torch.Tensor) -> None:
+def assert_llama_logits(
+    student: torch.nn.Module, llama: torch.nn.Module, processor, ids: torch.Tensor
+) -> None:
     """The student's text logits equal the Llama's within 1e-5 (float32), without an image and with
     one that every token attends to (the cross-attention layers run, their gates at 0); opening a
     gate then changes them, so the cross-attention layers did run."""
@@ -118,7 +122,9 @@ def test_build_is_keyed_by_its_source_not_the_corpus_unless_built_from_it(tiny, 
     import functools
 
     _, llama_dir = tiny
-    from_folder = functools.partial(build_mllama_from_llama, source=str(llama_dir), cross_attention_layers=[3])
+    from_folder = functools.partial(
+        build_mllama_from_llama, source=str(llama_dir), cross_attention_layers=[3]
+    )
     assert _build_key(from_folder, CORPUS) == _build_key(from_folder, ["another corpus"])
     other = functools.partial(build_mllama_from_llama, source=str(llama_dir), cross_attention_layers=[4])
     assert _build_key(other, CORPUS) != _build_key(from_folder, CORPUS)
@@ -157,7 +163,9 @@ def test_lora_on_the_top_self_attention_layers_and_the_image_side_in_full(tiny, 
     # The image would reach the cached layers, or the closed gates could never open: refused.
     with pytest.raises(ValueError, match=r"cross-attention layer\(s\) \[3\], below the top 1"):
         load_vision_student(
-            str(tiny[0]), cache_dir=str(tmp_path), lora=made(student_config("tiny_llama_vision").lora),
+            str(tiny[0]),
+            cache_dir=str(tmp_path),
+            lora=made(student_config("tiny_llama_vision").lora),
             train_top_layers=1,
         )
     with pytest.raises(ValueError, match=r"gate\(s\) are 0 and frozen.*language_model\.layers\.3"):
@@ -209,7 +217,10 @@ def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_
     assert any("lora_A" in n for n in full_grads)
     # Every gradient is there to compare, but inside the vision tower, where Mllama's own tanh gates
     # over tile embeddings start at 0 (its patch embedding is what the image first meets).
-    assert full_grads[next(n for n in full_grads if "vision_model" in n and "patch_embedding" in n)].abs().max() > 0
+    assert (
+        full_grads[next(n for n in full_grads if "vision_model" in n and "patch_embedding" in n)].abs().max()
+        > 0
+    )
     for name, grad in full_grads.items():
         assert "vision_model" in name or grad.abs().max() > 0, name
         torch.testing.assert_close(trunk_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -225,7 +236,9 @@ def test_tissue_smoke_run_trains_the_image_side_on_a_cached_trunk(make_cfg, tmp_
     builds = []
     real = mint.optim.trunk.build_trunk
     monkeypatch.setattr(mint.optim.trunk, "build_trunk", lambda *a, **k: builds.append(1) or real(*a, **k))
-    results = run(make_cfg("task=tissue", "student=tiny_llama_vision", "debug=smoke", output_dir=tmp_path / "r"))
+    results = run(
+        make_cfg("task=tissue", "student=tiny_llama_vision", "debug=smoke", output_dir=tmp_path / "r")
+    )
     assert len(builds) == 1
     assert results["train/steps"] == 12
     assert {"test/top1", "test/topk", "test/format_valid", "test/rank_top1", "val/loss"} <= results.keys()
@@ -257,16 +270,21 @@ def test_smollm2_vision_student_gives_smollm2s_logits_while_its_gates_are_closed
     assert node.train_top_layers >= text.num_hidden_layers - min(text.cross_attention_layers)
     assert processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == llama.config.vocab_size == 49152
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Which tissue does this nucleus come from?"}], add_generation_prompt=True,
+        [{"role": "user", "content": "Which tissue does this nucleus come from?"}],
+        add_generation_prompt=True,
         tokenize=False,
     )
     ids = tokenizer([prompt + "MOST_LIKELY_TISSUE:\n1. 'Breast'"], return_tensors="pt")["input_ids"]
     assert_llama_logits(student, llama, processor, ids)
     # The config's LoRA and top layers load on it: LoRA on SmolLM2's top 4 layers, the rest in full.
     model, _ = load_vision_student(
-        str(student_dir), cache_dir=str(tmp_path), lora=made(copy.deepcopy(node.lora)),
+        str(student_dir),
+        cache_dir=str(tmp_path),
+        lora=made(copy.deepcopy(node.lora)),
         train_top_layers=node.train_top_layers,
     )
-    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if "lora_" in n}
+    lora_layers = {
+        int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if "lora_" in n
+    }
     assert lora_layers == {26, 28, 29, 31}
     check_top_only(model, 26)

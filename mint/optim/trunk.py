@@ -243,7 +243,9 @@ def top_logits(
     return causal_lm(model).get_output_embeddings()(hidden[keep])
 
 
-def _cross_attention_inputs(model: torch.nn.Module, inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+def _cross_attention_inputs(
+    model: torch.nn.Module, inputs: dict[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
     """An image student's per-layer image inputs, made from `inputs` as MllamaModel.forward makes them
     (its own mask helper), or {} without an image."""
     if inputs.get("cross_attention_states") is None:
@@ -254,7 +256,9 @@ def _cross_attention_inputs(model: torch.nn.Module, inputs: dict[str, Any], dtyp
     mask, full_rows = _prepare_cross_attention_mask(
         inputs["cross_attention_mask"], num_vision_tokens=states.shape[-2], dtype=dtype
     )
-    return dict(cross_attention_states=states, cross_attention_mask=mask, full_text_row_masked_out_mask=full_rows)
+    return dict(
+        cross_attention_states=states, cross_attention_mask=mask, full_text_row_masked_out_mask=full_rows
+    )
 
 
 # --------------------------------------------------------------------------- storing the states

@@ -137,7 +137,9 @@ def build_mllama_from_llama(
         global_layers=vision_global_layers,
         heads=vision_heads,
     )
-    config = MllamaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id)
+    config = MllamaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id
+    )
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tokenizer.pad_token_id,
         tokenizer.bos_token_id,
@@ -170,7 +172,9 @@ def _graft(llama: torch.nn.Module, model: MllamaForConditionalGeneration, cross:
         if index in cross:
             gates = (layer.cross_attn_attn_gate, layer.cross_attn_mlp_gate)
             if any(bool(gate.ne(0).any()) for gate in gates):
-                raise RuntimeError(f"Mllama's cross-attention layer {index} did not start with its gates at 0")
+                raise RuntimeError(
+                    f"Mllama's cross-attention layer {index} did not start with its gates at 0"
+                )
             continue
         own, theirs = layer.state_dict(), next(llama_layers).state_dict()
         for name in LAYER_WEIGHTS:
@@ -186,7 +190,9 @@ def _source_llama(
 ) -> tuple[torch.nn.Module, Any]:
     if source is None:
         if tiny_source is None:
-            raise ValueError("build_mllama_from_llama: give a source Llama (source=...) or tiny_source settings")
+            raise ValueError(
+                "build_mllama_from_llama: give a source Llama (source=...) or tiny_source settings"
+            )
         source = str(build_tiny_llama(scratch / "llama", corpus, **tiny_source))
     elif tiny_source is not None:
         raise ValueError("build_mllama_from_llama: source and tiny_source exclude each other")

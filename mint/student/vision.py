@@ -237,7 +237,9 @@ def load_vision_student(
     check_load_settings(dtype, quantization)
     if name_or_path is None:
         builder = getattr(build, "func", build)
-        prefix = "tiny-mllama" if builder in (None, build_tiny_mllama) else builder.__name__.removeprefix("build_")
+        prefix = (
+            "tiny-mllama" if builder in (None, build_tiny_mllama) else builder.__name__.removeprefix("build_")
+        )
         source = built_source(Path(cache_dir) / "students", prefix.replace("_", "-"), build, corpus)
     else:
         source = Path(name_or_path).expanduser()
@@ -262,7 +264,9 @@ def load_vision_student(
 
     # A full copy of the tower in modules_to_save is asked for; LoRA inside it is not.
     trainable_vision = [
-        n for n, p in _vision_tower(model).named_parameters() if p.requires_grad and "modules_to_save" not in n
+        n
+        for n, p in _vision_tower(model).named_parameters()
+        if p.requires_grad and "modules_to_save" not in n
     ]
     if trainable_vision:
         raise ValueError(
