@@ -282,7 +282,8 @@ def load_vision_student(
 def _check_gates_open_or_trained(model: torch.nn.Module) -> None:
     """A cross-attention layer whose tanh gates are 0 and frozen shuts the image out for good: the
     layer's output is multiplied by 0, so neither the layer's weights nor the projector and vision
-    tower behind them get a gradient. Refused when the model trains (an untouched base, optim=none, may hold closed gates)."""
+    tower behind them get a gradient. Refused when the model trains (an untouched base, optim=none,
+    may hold closed gates)."""
     if not any(p.requires_grad for p in model.parameters()):
         return
     closed = [
