@@ -57,6 +57,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
+from experiments.shapes import LLAMA1B  # noqa: E402
 from mint.optim.module import PreferenceModule  # noqa: E402
 from mint.optim.reference import attach_reference_logps  # noqa: E402
 from mint.pairs.packed import LengthGroupedSampler, PackedPreferenceCollator, packed_length, padding_waste  # noqa: E402
@@ -82,20 +83,6 @@ class Settings:
     model: str = "small"  # small (hidden/layers above, vocabulary VOCAB) | llama1b
     device: str = "cpu"
     dtype: str = "float32"  # the base weights' dtype; bfloat16 also turns on bf16 autocast
-
-
-# Llama-3.2-1B's config.json dimensions (tied embeddings).
-LLAMA1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
 
 
 def autocast(settings: Settings):

@@ -602,20 +602,6 @@ def step_env(args: argparse.Namespace) -> dict:
     return out
 
 
-LLAMA1B = dict(  # Llama-3.2-1B's config.json dimensions, tied embeddings
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-
-
 def step_flex_packed(args: argparse.Namespace) -> dict:
     """ORPO loss and LoRA gradients of one packed batch: FlexAttention vs the dense mask vs the
     separate (unpacked) forwards, bf16 autocast, on the GPU; float32 and no FlexAttention on the CPU."""
@@ -625,6 +611,7 @@ def step_flex_packed(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from experiments.shapes import LLAMA1B
     from mint.optim.module import PreferenceModule
     from mint.pairs.packed import PackedPreferenceCollator
     from mint.pairs.text import PreferenceCollator, TokenizedPair

@@ -261,7 +261,8 @@ class StudentConfig:
         "sdpa", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
     )
     # LoRA on the top N decoder layers only, trained on cached states of the frozen layers below
-    # (mint/optim/trunk.py); null: all layers. Text students only.
+    # (mint/optim/trunk.py); null: all layers. An image student only when its image enters in those
+    # top layers (student=smollm2_vision).
     train_top_layers: int | None = bounded(None, ge=1)
     learning_rate: float = bounded(5e-5, gt=0)  # what suits this student; optim.optimizer.lr reads it
 

@@ -41,6 +41,9 @@ Collator = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
 # Modules outside the decoder layers that may train without touching the trunk: the final norm
 # and the output layer both come after it.
 AFTER_TRUNK = ("lm_head", "norm")
+# Modules of an image student (Mllama) that feed only its cross-attention layers: trainable without
+# touching the trunk as long as every cross-attention layer lies in the top layers (`top_start`).
+IMAGE_SIDE = ("vision_model", "multi_modal_projector")
 
 
 # --------------------------------------------------------------------------- the model's parts
@@ -74,25 +77,46 @@ def top_start(model: torch.nn.Module, top_layers: int) -> int:
             f"student.train_top_layers={top_layers}: the student has {total} layers; train between 1 and "
             f"{total - 1} of them on cached states, or set it to null to train all"
         )
-    return total - top_layers
+    start = total - top_layers
+    below = [i for i in cross_attention_layers(model) if i < start]
+    if below:
+        raise ValueError(
+            f"student.train_top_layers={top_layers}: the image enters through cross-attention layer(s) "
+            f"{below}, below the top {top_layers} (from layer {start}), so the cached states would depend on "
+            f"the image; raise it to at least {total - min(below)} or set it to null"
+        )
+    return start
+
+
+def cross_attention_layers(model: torch.nn.Module) -> list[int]:
+    """The decoder layers where an image enters (Mllama's cross-attention layers); [] for a text LM."""
+    return list(getattr(causal_lm(model).config.get_text_config(), "cross_attention_layers", None) or [])
+
+
+def _image_side(name: str) -> bool:
+    """Is the module or parameter `name` part of an image student's vision tower or projector?"""
+    return any(part in IMAGE_SIDE for part in name.split("."))
 
 
 def top_lora(lora: peft.LoraConfig, model: torch.nn.Module, top_layers: int) -> peft.LoraConfig:
     """`lora` with its targets narrowed to the linear modules of the top `top_layers` decoder layers.
 
     Refuses `modules_to_save` below the top layers (e.g. embed_tokens): training them would change
-    the cached trunk states.
+    the cached trunk states. Allowed there: the final norm and output layer, whole top layers (e.g.
+    an image student's new cross-attention layers, `language_model.layers.30`), and an image
+    student's vision tower and projector, which only its cross-attention layers read. PEFT puts no
+    LoRA inside a module it trains in full.
     """
     start = top_start(model, top_layers)
     lora = copy.deepcopy(lora)
     targets = lora.target_modules
-    layer_names = [name for name, _ in causal_lm(model).named_modules() if re.search(r"\.layers\.\d+$", name)]
+    decoder = decoder_of(model)
     if targets in (None, "all-linear"):
         suffixes = sorted(
             {
                 name.rsplit(".", 1)[-1]
-                for layer in layer_names[:1]
-                for name, module in causal_lm(model).get_submodule(layer).named_modules()
+                for layer in decoder.layers[start:]
+                for name, module in layer.named_modules()
                 if isinstance(module, torch.nn.Linear)
             }
         )
@@ -103,25 +127,38 @@ def top_lora(lora: peft.LoraConfig, model: torch.nn.Module, top_layers: int) -> 
         )
     else:
         suffixes = sorted(targets)
+    # Anchored at the decoder, so that no other stack (an image student's vision layers) matches.
+    path = next(name for name, module in causal_lm(model).named_modules() if module is decoder)
     top = "|".join(str(i) for i in range(start, num_layers(model)))
-    lora.target_modules = rf"(.*\.)?layers\.({top})\.(.*\.)?({'|'.join(map(re.escape, suffixes))})"
-    below = [m for m in lora.modules_to_save or [] if m not in AFTER_TRUNK]
+    lora.target_modules = (
+        rf"(.*\.)?{re.escape(path)}\.layers\.({top})\.(.*\.)?({'|'.join(map(re.escape, suffixes))})"
+    )
+    below = [m for m in lora.modules_to_save or [] if not _after_trunk(m, start)]
     if below:
         raise ValueError(
             f"student.train_top_layers={top_layers} with student.lora.modules_to_save={below}: these "
             f"modules lie below the trained layers, so the cached trunk states would go stale; keep only "
-            f"{list(AFTER_TRUNK)} there"
+            f"{list(AFTER_TRUNK)}, layers from {start} up, or an image student's {list(IMAGE_SIDE)} there"
         )
     return lora
+
+
+def _after_trunk(module: str, start: int) -> bool:
+    """May `module` (a modules_to_save entry) train without changing the states below layer `start`?"""
+    if module in AFTER_TRUNK or _image_side(module):
+        return True
+    layer = re.search(r"(^|\.)layers\.(\d+)$", module)
+    return layer is not None and int(layer.group(2)) >= start
 
 
 def check_top_only(model: torch.nn.Module, start: int) -> None:
     """Every trainable parameter and every adapter weight lies in layer `start` or above (or after
     the decoder layers): otherwise the trunk states would not be those the model computes."""
     bad = []
+    image_above = all(i >= start for i in cross_attention_layers(model))
     for name, param in model.named_parameters():
         adapted = param.requires_grad or "lora_" in name or "modules_to_save" in name
-        if not adapted:
+        if not adapted or (image_above and _image_side(name)):  # the image side feeds the top layers only
             continue
         layer = re.search(r"\.layers\.(\d+)\.", name)
         if layer is not None:
@@ -169,13 +206,16 @@ def top_logits(
     """Logits at the `keep` positions ([K, V]) from trunk states: layers `start`.. L-1, norm, head.
 
     `inputs`: what the full forward would get (attention_mask 2D or the packed 4D one, optional
-    position_ids); the mask goes through transformers' `create_causal_mask` as in the decoder.
+    position_ids; an image student's cross_attention_states and cross_attention_mask); the mask goes
+    through transformers' `create_causal_mask` as in the decoder.
     """
     from transformers.masking_utils import create_causal_mask
 
     states, start = trunk
     decoder = decoder_of(model)
     hidden = states.to(decoder.norm.weight.dtype)
+    image = _cross_attention_inputs(model, inputs, hidden.dtype)
+    cross = set(cross_attention_layers(model))
     position_ids = inputs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
@@ -187,17 +227,38 @@ def top_logits(
         position_ids=position_ids,
     )
     position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
-    for layer in decoder.layers[start : num_layers(model)]:
-        hidden = layer(
+    for index in range(start, num_layers(model)):
+        if index in cross and not image:
+            continue  # no image: Mllama's text model skips its cross-attention layers too
+        hidden = decoder.layers[index](
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             cache=None,
             use_cache=False,
+            **image,
         )
     hidden = decoder.norm(hidden)
     return causal_lm(model).get_output_embeddings()(hidden[keep])
+
+
+def _cross_attention_inputs(
+    model: torch.nn.Module, inputs: dict[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
+    """An image student's per-layer image inputs, made from `inputs` as MllamaModel.forward makes them
+    (its own mask helper), or {} without an image."""
+    if inputs.get("cross_attention_states") is None:
+        return {}
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    states = inputs["cross_attention_states"]
+    mask, full_rows = _prepare_cross_attention_mask(
+        inputs["cross_attention_mask"], num_vision_tokens=states.shape[-2], dtype=dtype
+    )
+    return dict(
+        cross_attention_states=states, cross_attention_mask=mask, full_text_row_masked_out_mask=full_rows
+    )
 
 
 # --------------------------------------------------------------------------- storing the states

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -28,8 +29,8 @@ def smollm2_gguf() -> tuple[str, str]:
     return str(folder), SMOLLM2_FILE
 
 
-def convert_gguf(folder: str, gguf_file: str, out_dir: Path) -> None:
-    """Dequantize `folder/gguf_file` once and save it as a float32 safetensors model + tokenizer.
+def load_gguf(folder: str, gguf_file: str) -> tuple[torch.nn.Module, Any]:
+    """`folder/gguf_file` dequantized to a float32 causal LM of plain `nn.Linear`s, and its tokenizer.
 
     `GgufConfig(dequantize=True)` makes transformers unpack every weight into plain
     `nn.Linear`s and drop the GGUF quantizer after loading, so `save_pretrained`
@@ -44,5 +45,12 @@ def convert_gguf(folder: str, gguf_file: str, out_dir: Path) -> None:
         quantization_config=GgufConfig(dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return model, tokenizer
+
+
+def convert_gguf(folder: str, gguf_file: str, out_dir: Path) -> None:
+    """Dequantize `folder/gguf_file` once (`load_gguf`) and save it as a float32 safetensors model +
+    tokenizer."""
+    model, tokenizer = load_gguf(folder, gguf_file)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

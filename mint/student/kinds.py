@@ -163,14 +163,12 @@ class ImageStudent:
     ) -> tuple[torch.nn.Module, Any]:
         if spec.gguf_file is not None:
             raise ValueError("student.gguf_file: GGUF loading is for text students only")
-        if spec.train_top_layers is not None:
-            raise ValueError(
-                "student.train_top_layers is for text students only for now: an image student's "
-                "cross-attention layers are spread over its depth, so the image would reach the cached "
-                "trunk; set student.train_top_layers=null"
-            )
+        # train_top_layers: refused (mint.optim.trunk.top_start) unless the image enters in the top
+        # layers only, as in student=smollm2_vision (mint/student/llama_vision.py).
         return load_vision_student(
-            spec.name_or_path, **spec.loader_arguments(cache_dir, corpus, with_adapter)
+            spec.name_or_path,
+            train_top_layers=spec.train_top_layers,
+            **spec.loader_arguments(cache_dir, corpus, with_adapter),
         )
 
     def tokenizer(self, processor: Any) -> Any:

@@ -180,13 +180,18 @@ def _load_tokenizer(
 
 
 def _build_key(build: Callable[..., Path], corpus: Sequence[str]) -> str:
-    """Hash of everything that determines a built student: the builder, its keyword arguments, the corpus."""
+    """Hash of everything that determines a built student: the builder, its keyword arguments, and
+    the corpus, or instead what the builder's `source_identity(**kwargs)` names (a builder that
+    starts from a model on disk and does not read the corpus, e.g. build_mllama_from_llama)."""
     func = getattr(build, "func", build)
-    spec = {
-        "builder": f"{func.__module__}.{func.__qualname__}",
-        "kwargs": getattr(build, "keywords", {}),
-        "corpus": list(corpus),
-    }
+    kwargs = getattr(build, "keywords", {})
+    spec = {"builder": f"{func.__module__}.{func.__qualname__}", "kwargs": kwargs}
+    identify = getattr(func, "source_identity", None)
+    source = identify(**kwargs) if identify is not None else None
+    if source is None:
+        spec["corpus"] = list(corpus)
+    else:
+        spec["source"] = source
     return _short_hash(json.dumps(spec, sort_keys=True))
 
 

