@@ -26,14 +26,13 @@ from tokenizers import AddedToken
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaTextConfig,
 )
 
 from mint.student.gguf import load_gguf
 from mint.student.tiny import build_tiny_llama
-from mint.student.vision import IMAGE_TOKEN, offline_processor, one_tile_vision_config
+from mint.student.vision import IMAGE_TOKEN, new_mllama, offline_processor, one_tile_vision_config
 
 # Llama decoder-layer weights that an Mllama self-attention layer holds under the same names.
 LAYER_WEIGHTS = (
@@ -137,18 +136,7 @@ def build_mllama_from_llama(
         global_layers=vision_global_layers,
         heads=vision_heads,
     )
-    config = MllamaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id
-    )
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tokenizer.pad_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-    )
-    # Seed a forked RNG so that building a student does not reset the caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MllamaForConditionalGeneration(config)
+    model = new_mllama(vision_config, text_config, tokenizer, image_token_id, seed)
     _graft(llama, model, cross)
     model.save_pretrained(out_dir)
     offline_processor(tokenizer, image_size).save_pretrained(out_dir)

@@ -145,6 +145,25 @@ def build_tiny_mllama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    model = new_mllama(vision_config, text_config, tokenizer, image_token_id, seed)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(cross_attention_gate)
+                layer.cross_attn_mlp_gate.fill_(cross_attention_gate)
+    model.save_pretrained(out_dir)
+    offline_processor(tokenizer, image_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def new_mllama(
+    vision_config: MllamaVisionConfig,
+    text_config: MllamaTextConfig,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    image_token_id: int,
+    seed: int,
+) -> MllamaForConditionalGeneration:
+    """A randomly initialised Mllama of these configs, the tokenizer's special ids at the top level."""
     config = MllamaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id
     )
@@ -157,15 +176,7 @@ def build_tiny_mllama(
     # Seed a forked RNG so that building a student does not reset the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MllamaForConditionalGeneration(config)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            if hasattr(layer, "cross_attn_attn_gate"):
-                layer.cross_attn_attn_gate.fill_(cross_attention_gate)
-                layer.cross_attn_mlp_gate.fill_(cross_attention_gate)
-    model.save_pretrained(out_dir)
-    offline_processor(tokenizer, image_size).save_pretrained(out_dir)
-    return out_dir
+        return MllamaForConditionalGeneration(config)
 
 
 def one_tile_vision_config(
