@@ -57,6 +57,16 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
+from experiments.bench_common import (  # noqa: E402
+    orpo_token_rows,
+    perturb_lora,
+    reset_peak_rss,
+    rss_kib,
+    trl_args,
+    trl_batch_loss,
+    trl_row_of,
+    work_tokens,
+)
 from experiments.shapes import LLAMA1B  # noqa: E402
 from mint.optim.module import PreferenceModule  # noqa: E402
 from mint.optim.reference import attach_reference_logps  # noqa: E402
@@ -164,24 +174,6 @@ def build_model(settings: Settings) -> torch.nn.Module:
     if settings.gradient_checkpointing:  # as TRL enables it (non-reentrant)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-@torch.no_grad()
-def perturb_lora(model: torch.nn.Module, seed: int) -> None:
-    """Give the trained adapter's LoRA B matrices the same random values in every model (they start at zero).
-
-    Called after the reference log-probs are computed, so the DPO policy differs from its
-    reference and the first-batch loss check is not the trivial log 2 of policy == reference.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        # Only the trained adapter: TRL's DPOTrainer adds a frozen copy named "ref" as its reference.
-        if ".lora_B.default." in name:
-            param.copy_(0.02 * torch.randn(param.shape, generator=generator).to(param.device))
-
-
-def work_tokens(pair: TokenizedPair) -> int:
-    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
 # --------------------------------------------------------------------------- MINT runners
@@ -299,25 +291,14 @@ class TrlRunner:
         self.model = build_model(settings)
         self.tokenizer = word_tokenizer()
         self.clock = StepClock()
-        common = dict(
-            output_dir=out_dir,
-            per_device_train_batch_size=settings.batch_size,
+        common = trl_args(
+            out_dir,
+            batch_size=settings.batch_size,
             learning_rate=1e-4,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            max_length=4096,  # nothing is truncated: the same tokens as MINT
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            disable_tqdm=True,
             seed=settings.seed,
-            dataloader_num_workers=0,
-            use_cpu=settings.device == "cpu",
-            bf16=settings.dtype == "bfloat16",  # TRL turns bf16 on where it can: only when MINT's is
-            fp16=False,
+            device=settings.device,
+            bf16=settings.dtype == "bfloat16",
             gradient_checkpointing=settings.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            beta=0.1,
         )
         if loss == "orpo":
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -365,28 +346,17 @@ class TrlRunner:
         self._check_tokens(pairs, loss)
 
     def _check_tokens(self, pairs: list[TokenizedPair], loss: str) -> None:
-        """TRL must train on exactly MINT's token ids, or the comparison means nothing.
-
-        TRL may reorder its dataset (the DPO precompute does), so rows are matched by content;
-        `self.row_of[i]` is the TRL row of MINT's pair i.
-        """
+        """`self.row_of[i]`: the TRL row of MINT's pair i, with the same token ids (checked)."""
         dataset = self.trainer.train_dataset
         if loss == "orpo":
-            trl_rows = zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"], strict=True)
-            ours = [(p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids) for p in pairs]
+            trl_rows, ours = orpo_token_rows(dataset, pairs)
         else:
             trl_rows = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
             ours = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
-        where = {tuple(map(tuple, row)): index for index, row in enumerate(trl_rows)}
-        missing = [i for i, row in enumerate(ours) if tuple(map(tuple, row)) not in where]
-        assert not missing, f"TRL's {loss} tokens differ from MINT's for pairs {missing[:5]}"
-        self.row_of = [where[tuple(map(tuple, row))] for row in ours]
+        self.row_of = trl_row_of(list(trl_rows), ours, loss)
 
     def first_batch_loss(self, indices: list[int]) -> float:
-        rows = [self.trainer.train_dataset[self.row_of[i]] for i in indices]
-        inputs = self.trainer._prepare_inputs(self.trainer.data_collator(rows))
-        with torch.no_grad(), autocast(self.settings):
-            return self.trainer.compute_loss(self.trainer.model, inputs).item()
+        return trl_batch_loss(self.trainer, [self.row_of[i] for i in indices], autocast(self.settings))
 
     def run(self, steps: int) -> list[tuple[float, int]]:
         self.clock.times, self.trainer.tokens = [], []
@@ -405,13 +375,6 @@ def make_runner(method: str, settings: Settings, pairs: list[TokenizedPair], out
 # --------------------------------------------------------------------------- memory (child process)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory(method: str, settings: Settings) -> float:
     """Peak RSS growth (MiB) over `steps_per_round` steps; the peak counter is reset first."""
     pairs = make_pairs(settings)
@@ -419,10 +382,10 @@ def measure_memory(method: str, settings: Settings) -> float:
         runner = make_runner(method, settings, pairs, out_dir)
         perturb_lora(runner.model, settings.seed)
         runner.run(1)  # allocator warm-up: optimizer states exist from here on
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux)
-        before = _rss_kib("VmRSS")
+        reset_peak_rss()
+        before = rss_kib("VmRSS")
         runner.run(settings.steps_per_round)
-        return (_rss_kib("VmHWM") - before) / 1024
+        return (rss_kib("VmHWM") - before) / 1024
 
 
 def memory_in_child(method: str, cli: argparse.Namespace) -> float | None:
