@@ -57,6 +57,20 @@ def test_cached_scores_equal_single_unbatched_forward_under_lora():
         assert abs(cached.summed[i].item() - expected) < 1e-4
 
 
+@pytest.mark.parametrize("batch_size", [2, 32])
+def test_a_header_every_candidate_starts_with_is_scored_once_and_counted(batch_size):
+    """Label candidates share their first tokens (header, "1. '"): those go through the model with
+    the prompt, and the scores, per token means included, stay the full-sequence ones."""
+    model = tiny_llama(2)
+    prompt = list(range(2, 40))
+    header = [7, 8, 9, 10]
+    cands = [header + c for c in candidates(9, seed=3)] + [header[:3]]  # one is the header's start
+    cached = score_candidates(model, TOKENIZER, prompt, cands, batch_size=batch_size)
+    full = score_candidates_full(model, TOKENIZER, prompt, cands, batch_size=5)
+    torch.testing.assert_close(cached.summed, full.summed, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cached.mean, full.mean, atol=1e-4, rtol=0)
+
+
 def test_rejects_empty_candidates():
     with pytest.raises(ValueError, match="empty"):
         score_candidates(tiny_llama(), TOKENIZER, [2, 3], [[4], []])

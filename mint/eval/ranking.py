@@ -7,6 +7,8 @@ goes through the model once; its key/value cache (transformers' `DynamicCache`) 
 shared by every batch of candidates, which only run their own few tokens. The cache's
 tensors are expanded (views, no copy) to the batch size; each layer's `update` concatenates
 the candidates' keys onto them, which leaves the prompt's tensors untouched for the next batch.
+The tokens every candidate starts with (the answer's header and "1. '") go through the model
+once too, with the prompt: a label candidate is then only its name's few tokens.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _shared_prefix_length(candidates: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every candidate has in common, leaving each at least one of its own."""
+    shortest = min(len(c) for c in candidates)
+    length = 0
+    while length < shortest - 1 and all(c[length] == candidates[0][length] for c in candidates):
+        length += 1
+    return length
+
+
+# extra_inputs(rows, start, stop): more forward kwargs for `rows` copies of the context's token
+# positions [start, stop) (an image student's cross-attention states and mask: the start=0 call
+# carries the image, whose keys and values the later calls read from the cache).
+ExtraInputs = Callable[[int, int, int], dict[str, Any]]
+
+
 @torch.inference_mode()
 def score_candidates(
     model: torch.nn.Module,
@@ -59,65 +76,51 @@ def score_candidates(
     candidate_ids_list: Sequence[Sequence[int]],
     *,
     batch_size: int = 32,
+    extra_inputs: ExtraInputs | None = None,
 ) -> CandidateScores:
     """Log-prob of each candidate (token ids, non-empty) as the answer to `prompt_ids`.
 
-    The prompt is encoded once. Candidates are right-padded: under the causal mask a real
-    token never sees the padding after it, so no attention mask is needed.
+    The prompt and the candidates' shared first tokens are encoded once. Candidates are
+    right-padded: under the causal mask a real token never sees the padding after it, so no
+    attention mask is needed.
     """
     if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
         raise ValueError("score_candidates needs at least one candidate and no empty candidate")
     device = next(model.parameters()).device
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    # Only the last prompt position needs logits: it predicts every candidate's first token.
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    prompt_cache = out.cache
-    first_logps = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    shared = _shared_prefix_length(candidate_ids_list)
+    head = list(candidate_ids_list[0][:shared])
+    context = list(prompt_ids) + head
+    extra = extra_inputs or (lambda rows, start, stop: {})
+    # Logits at the last shared + 1 positions only: the one before candidate token j predicts it.
+    out = model(
+        input_ids=torch.tensor([context], dtype=torch.long, device=device),
+        use_cache=True,
+        logits_to_keep=shared + 1,
+        **extra(1, 0, len(context)),
+    )
+    context_cache = out.cache
+    logps = F.log_softmax(out.logits[0].float(), dim=-1)
+    head_logp = logps[
+        torch.arange(shared, device=device), torch.tensor(head, dtype=torch.long, device=device)
+    ].sum()
+    first_logps = logps[shared]
 
     summed, counts = [], []
     for start in range(0, len(candidate_ids_list), batch_size):
-        chunk = candidate_ids_list[start : start + batch_size]
+        chunk = [c[shared:] for c in candidate_ids_list[start : start + batch_size]]
         ids, real = _pad_right(chunk, _pad_id(tokenizer))
         ids, real = ids.to(device), real.to(device)
-        logits = model(input_ids=ids, cache=_expanded(prompt_cache, len(chunk)), use_cache=True).logits
-        # position j predicts token j + 1; the first token comes from the prompt's last position
+        logits = model(
+            input_ids=ids,
+            cache=_expanded(context_cache, len(chunk)),
+            use_cache=True,
+            **extra(len(chunk), len(context), len(context) + ids.shape[1]),
+        ).logits
+        # position j predicts token j + 1; the first token comes from the context's last position
         rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         rest = torch.where(real[:, 1:], rest, 0.0)
-        summed.append(first_logps[ids[:, 0]] + rest.sum(-1))
-        counts.append(real.sum(-1))
-    total, count = torch.cat(summed), torch.cat(counts)
-    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
-
-
-def full_sequence_scores(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    prompt_ids: Sequence[int],
-    candidate_ids_list: Sequence[Sequence[int]],
-    pad_token_id: int,
-    device: torch.device,
-    batch_size: int,
-) -> CandidateScores:
-    """Scores from full sequences [prompt, candidate]; `forward(ids, attention_mask)` -> logits.
-
-    The way to score when the prompt's text KV cache is not enough (an image student's forward
-    also takes cross-attention inputs: see mint.student.vision.image_prompt_forward)."""
-    if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
-        raise ValueError("scoring needs at least one candidate and no empty candidate")
-    prompt = list(prompt_ids)
-    summed, counts = [], []
-    for start in range(0, len(candidate_ids_list), batch_size):
-        chunk = candidate_ids_list[start : start + batch_size]
-        ids, real = _pad_right([prompt + list(c) for c in chunk], pad_token_id)
-        ids, real = ids.to(device), real.to(device)
-        logits = forward(ids, real.long())
-        # Only answer tokens are scored; a prompt or padding id may lack an output logit (a vision
-        # student's <|image|> and pad tokens), so those targets are clamped before the gather.
-        targets = ids.clamp(max=logits.shape[-1] - 1)[:, 1:, None]
-        token_logps = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets).squeeze(-1)
-        is_answer = real[:, 1:].clone()
-        is_answer[:, : len(prompt) - 1] = False  # targets before the first answer token are the prompt's
-        summed.append(torch.where(is_answer, token_logps, 0.0).sum(-1))
-        counts.append(is_answer.sum(-1))
+        summed.append(head_logp + first_logps[ids[:, 0]] + rest.sum(-1))
+        counts.append(real.sum(-1) + shared)
     total, count = torch.cat(summed), torch.cat(counts)
     return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
 
@@ -131,15 +134,25 @@ def score_candidates_full(
     *,
     batch_size: int = 32,
 ) -> CandidateScores:
-    """The same scores from C full sequences [prompt, candidate]: the reference (and the baseline)."""
-
-    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
-
+    """The same scores from C full sequences [prompt, candidate]: the reference `score_candidates`
+    is checked against (and the baseline of experiments/bench_ranking.py)."""
+    if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
+        raise ValueError("scoring needs at least one candidate and no empty candidate")
     device = next(model.parameters()).device
-    return full_sequence_scores(
-        forward, prompt_ids, candidate_ids_list, _pad_id(tokenizer), device, batch_size
-    )
+    prompt = list(prompt_ids)
+    summed, counts = [], []
+    for start in range(0, len(candidate_ids_list), batch_size):
+        chunk = candidate_ids_list[start : start + batch_size]
+        ids, real = _pad_right([prompt + list(c) for c in chunk], _pad_id(tokenizer))
+        ids, real = ids.to(device), real.to(device)
+        logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
+        token_logps = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        is_answer = real[:, 1:].clone()
+        is_answer[:, : len(prompt) - 1] = False  # targets before the first answer token are the prompt's
+        summed.append(torch.where(is_answer, token_logps, 0.0).sum(-1))
+        counts.append(is_answer.sum(-1))
+    total, count = torch.cat(summed), torch.cat(counts)
+    return CandidateScores(summed=total.cpu(), mean=(total / count).cpu())
 
 
 def label_candidates(tokenizer: Any, labels: Sequence[str], fmt: AnswerFormat) -> list[list[int]]:

@@ -21,7 +21,7 @@ import torch
 
 from mint.config import Modality
 from mint.data.task_data import Sample, TaskData
-from mint.eval.ranking import full_sequence_scores, score_candidates
+from mint.eval.ranking import score_candidates
 from mint.leakage import normalise_text
 from mint.optim.forward import SidesForward, text_sides_logits
 from mint.pairs.packed import PackedPreferenceCollator
@@ -29,7 +29,7 @@ from mint.pairs.text import PreferenceCollator, TruncationReport, tokenize_prefe
 from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair
 from mint.prefs.builder import PromptTemplate
 from mint.student.load import load_student
-from mint.student.vision import image_prompt_forward, image_sides_logits, load_vision_student
+from mint.student.vision import image_prompt_inputs, image_sides_logits, load_vision_student
 
 # Spellings an earlier version accepted, and the word to use now.
 RENAMED = {"vision": Modality.image}
@@ -219,15 +219,15 @@ class ImageStudent:
         image: np.ndarray | None,
         candidates: list[list[int]],
     ) -> torch.Tensor:
-        """Summed log-prob of each candidate answer, as full sequences: the text KV cache does not
-        carry cross-attention inputs. The image goes through the vision tower once."""
+        """Summed log-prob of each candidate answer; the prompt's KV cache (the image's keys and
+        values in the cross-attention layers included) is shared by all."""
         # The pair's answers are placeholders: only its prompt ids and image tensors are used.
         # No length cap: training's max_length is not a limit for scoring (a RAG prompt is longer).
         pair = encode_vision_pair(processor, image, prompt, "-", "-", max_length=sys.maxsize)
-        device = next(model.parameters()).device
-        pad = processor.tokenizer.pad_token_id
-        forward = image_prompt_forward(model, pair)
-        return full_sequence_scores(forward, pair.prompt_ids, candidates, pad, device, batch_size=32).summed
+        extra = image_prompt_inputs(model, pair)
+        return score_candidates(
+            model, processor.tokenizer, pair.prompt_ids, candidates, extra_inputs=extra
+        ).summed
 
     def generation_inputs(
         self, processor: Any, images: list[np.ndarray] | None

@@ -8,7 +8,7 @@ Two sources end in the same `from_pretrained` call, as for text students (mint.s
 LoRA goes on the language layers (self- and cross-attention, MLP) and the multi-modal
 projector, as in the paper; the vision tower stays frozen. The forwards below read the
 batches of `mint.pairs.vision` and encode each image once (`image_states`), for training
-(`image_sides_logits`) and for scoring candidate answers (`image_prompt_forward`).
+(`image_sides_logits`) and for scoring candidate answers (`image_prompt_inputs`).
 """
 
 from __future__ import annotations
@@ -409,11 +409,11 @@ def image_sides_logits(
     return model(**inputs, use_cache=False).logits
 
 
-def image_prompt_forward(
-    model: torch.nn.Module, pair: VisionPair
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """forward(ids, attention_mask) -> logits for rows that all start with `pair`'s prompt (and so
-    see its image); the image is encoded once here, for every call."""
+def image_prompt_inputs(model: torch.nn.Module, pair: VisionPair) -> Callable[[int, int, int], dict]:
+    """mint.eval.ranking's extra_inputs(rows, start, stop) for contexts that start with `pair`'s
+    prompt: the image goes through the vision tower once, here; the call that starts at position
+    0 passes its states, and the later ones (candidates after the cached context) only their rows
+    of the cross-attention mask, the image's keys and values being in the cache."""
     device = next(model.parameters()).device
     states = image_states(
         model,
@@ -422,15 +422,10 @@ def image_prompt_forward(
         pair.aspect_ratio_mask[None].to(device),
     )
 
-    def forward(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        rows = ids.shape[0]
-        cross_mask = image_inputs([pair] * rows, ids.shape[1])["cross_attention_mask"].to(device)
-        return model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            cross_attention_states=states.repeat(rows, 1, 1),
-            cross_attention_mask=cross_mask,
-            use_cache=False,
-        ).logits
+    def inputs(rows: int, start: int, stop: int) -> dict:
+        mask = image_inputs([pair] * rows, stop)["cross_attention_mask"][:, start:stop].to(device)
+        if start > 0:
+            return {"cross_attention_mask": mask}
+        return {"cross_attention_states": states.repeat(rows, 1, 1), "cross_attention_mask": mask}
 
-    return forward
+    return inputs
