@@ -113,6 +113,35 @@ def test_trunk_is_cached_per_rows_base_and_layers(tmp_path, monkeypatch):
     assert len(builds) == 3
 
 
+def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, monkeypatch):
+    """An image task's prompt is the same for every row: the trunk build runs it once (a KV cache
+    the rows continue) and stores what each row alone would give, within 1e-5."""
+    import random
+
+    from mint.optim.trunk import trunk_states
+    from mint.pairs.text import TokenizedPair
+
+    runs = []
+    real = mint.optim.trunk.shared_prefix_states
+    monkeypatch.setattr(mint.optim.trunk, "shared_prefix_states", lambda *a: runs.append(a[3]) or real(*a))
+    rng = random.Random(18)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(24)]
+    answer = lambda: [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]  # noqa: E731
+    pairs = [TokenizedPair(prompt, answer(), answer()) for _ in range(5)]
+    model = partial_lora_llama()
+    model.eval()
+    inner = PreferenceCollator(PAD)
+    trunk = cached_trunk(model, pairs, inner, top_layers=TOP, batch_size=2, cache_dir=tmp_path, base={})
+    assert runs and min(runs) >= len(prompt)  # every batch ran the prompt once
+    for index, pair in enumerate(pairs):
+        for side, sequence in (("chosen", 2 * index), ("rejected", 2 * index + 1)):
+            ids = torch.tensor([pair.prompt_ids + getattr(pair, f"{side}_ids")])
+            alone = trunk_states(
+                model, LAYERS - TOP, dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+            )
+            torch.testing.assert_close(trunk.sequence(sequence), alone[0], atol=1e-5, rtol=0)
+
+
 def test_bfloat16_trunk_round_trips(tmp_path):
     model = partial_lora_llama().to(torch.bfloat16)
     pairs, inner = random_pairs(3, seed=17), PackedPreferenceCollator(PAD)

@@ -182,9 +182,13 @@ class _Reached(Exception):
 
 
 @torch.inference_mode()
-def trunk_states(model: torch.nn.Module, start: int, inputs: dict[str, Any]) -> torch.Tensor:
+def trunk_states(
+    model: torch.nn.Module, start: int, inputs: dict[str, Any], cache: Any = None
+) -> torch.Tensor:
     """Hidden states after decoder layer `start` - 1 ([N, T, H]): the decoder's own forward, stopped
-    there (so whatever it does before its layers, e.g. embedding scaling, is done its way)."""
+    there (so whatever it does before its layers, e.g. embedding scaling, is done its way). With a
+    `cache` (a transformers Cache), the rows continue the tokens it holds, and the layers below
+    `start` add theirs to it."""
     decoder = decoder_of(model)
 
     def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -192,12 +196,49 @@ def trunk_states(model: torch.nn.Module, start: int, inputs: dict[str, Any]) -> 
 
     handle = decoder.layers[start - 1].register_forward_hook(stop)
     try:
-        decoder(**inputs, use_cache=False)
+        decoder(**inputs, cache=cache, use_cache=cache is not None)
     except _Reached as reached:
         return reached.states
     finally:
         handle.remove()
     raise RuntimeError(f"decoder layer {start - 1} never ran")
+
+
+# Rows that start with this many identical tokens (an image task's prompt, the same for every image,
+# and the same prompt under chosen and rejected) run those tokens once (`shared_prefix_states`).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading columns hold the same real token in every row (right-padded rows), leaving
+    each row at least one token of its own."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
+def shared_prefix_states(
+    model: torch.nn.Module, start: int, inputs: dict[str, Any], shared: int
+) -> torch.Tensor:
+    """`trunk_states` of right-padded rows whose first `shared` tokens are the same: those run once,
+    with a KV cache that every row's own tokens then continue (views of it, no copy)."""
+    from transformers import DynamicCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    prefix_cache = DynamicCache()
+    head = trunk_states(
+        model, start, {"input_ids": ids[:1, :shared], "attention_mask": mask[:1, :shared]}, prefix_cache
+    )
+    rows = ids.shape[0]
+    views = [
+        (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values, *_ in prefix_cache
+    ]
+    tail = trunk_states(
+        model,
+        start,
+        {"input_ids": ids[:, shared:], "attention_mask": mask},
+        DynamicCache(ddp_cache_data=views),
+    )
+    return torch.cat([head.expand(rows, -1, -1), tail], dim=1)
 
 
 def top_logits(
@@ -346,7 +387,12 @@ def build_trunk(
                 attention_mask=torch.cat([batch[f"{side}_attention_mask"] for side in sides]),
             )
             sequences = [2 * i for i in indices] + [2 * i + 1 for i in indices]
-        out = trunk_states(model, start, inputs).to(dtype).cpu()
+        shared = 0 if packed else shared_prefix_length(inputs["input_ids"], inputs["attention_mask"])
+        if shared >= MIN_SHARED_PREFIX:
+            out = shared_prefix_states(model, start, inputs, shared)
+        else:
+            out = trunk_states(model, start, inputs)
+        out = out.to(dtype).cpu()
         for row, sequence in enumerate(sequences):
             a, b = offsets[sequence], offsets[sequence + 1]
             values = out[row, : b - a]
