@@ -155,7 +155,7 @@ class EvalConfig:
     # Closed-set decoding: inside an item only a label not yet listed can be written (a student
     # that misspells names gets the nearest known spelling its own scores prefer). Off by default.
     known_names_only: bool = False
-    max_samples: int | None = bounded(None, ge=1)  # evaluate the first N samples of each evaluated split
+    max_samples: int | None = bounded(None, ge=1)  # evaluate N samples of each evaluated split, spread evenly
     n_boot: int = bounded(1000, ge=1)  # bootstrap resamples for the 95% CIs
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:
     # what hyperparameter search optimises (the test split must never steer choices).

@@ -93,3 +93,16 @@ def test_closed_set_ranking_finds_the_label_a_student_was_trained_to_say(tmp_pat
     assert metrics["test/rank_top1"] == 1.0 and metrics["test/rank_topk"] == 1.0
     wrong = closed_set_metrics(scores, [3], fmt2.n, n_boot=10, seed=0)
     assert wrong["test/rank_top1"] == 0.0
+
+
+def test_a_capped_evaluation_spreads_over_the_split_not_its_first_classes():
+    """task.eval.max_samples on a split grouped by class (as the simulated ones are) still sees
+    every class, and the same samples every time."""
+    from mint.stages.evaluate import spread_indices
+
+    labels = [c for c in range(19) for _ in range(12)]  # 228 test images, 12 per tissue
+    picked = spread_indices(len(labels), 80)
+    assert len(picked) == len(set(picked)) == 80 and picked == sorted(picked)
+    assert {labels[i] for i in picked} == set(range(19))
+    assert spread_indices(len(labels), 80) == picked
+    assert spread_indices(5, None) == spread_indices(5, 9) == [0, 1, 2, 3, 4]

@@ -14,6 +14,7 @@ import wandb
 
 from mint.data.example_prefs import make_example_prefs, write_jsonl
 from mint.run import run
+from mint.stages.evaluate import spread_indices
 from mint.stages.teacher import load_task
 
 COLUMNS = ["id", "truth", "answer", "parsed", "truth_rank", "top1", "topk", "format_valid", "car"]
@@ -102,8 +103,10 @@ def test_an_offline_wandb_run_gets_the_predictions_table_and_the_artifacts(make_
     (table_file,) = (offline / "files" / "media" / "table" / "test").glob("predictions_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == [*COLUMNS, "image"]
-    cases = load_task(cfg.task).splits["test"][: cfg.task.eval.max_samples]
+    split = load_task(cfg.task).splits["test"]
+    cases = [split[i] for i in spread_indices(len(split), cfg.task.eval.max_samples)]
     assert len(table["data"]) == len(answered) == len(cases) > 0
+    assert [a["id"] for a in answered] == [c.id for c in cases]
     row = dict(zip(table["columns"], table["data"][0], strict=True))
     assert row["id"] == answered[0]["id"] and row["answer"] == answered[0]["answer"]
     assert row["parsed"] == "\n".join(answered[0]["parsed"]) and row["truth"] == answered[0]["truth"]

@@ -149,6 +149,14 @@ def predictions_table(
     return Table(key, columns + ["image"] * with_image, rows, image_columns=("image",) * with_image)
 
 
+def spread_indices(size: int, wanted: int | None) -> list[int]:
+    """`wanted` indices spread evenly over a split of `size` (all of them when None or more): a
+    split is often grouped by class, and its first N samples would be a few classes only."""
+    if wanted is None or wanted >= size:
+        return list(range(size))
+    return [i * size // wanted for i in range(wanted)]
+
+
 def evaluate_split(
     job: EvalJob,
     kind: StudentKind,
@@ -160,7 +168,9 @@ def evaluate_split(
     rag: tuple[KnowledgeBase, RagSettings] | None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """`<split>/...` metrics of the student's answers and one predictions record per sample."""
-    samples = task.splits[split][: job.max_samples]
+    split_samples = task.splits[split]
+    indices = spread_indices(len(split_samples), job.max_samples)
+    samples = [split_samples[i] for i in indices]
     prompts = [kind.prompt(job.template, s) for s in samples]
     metrics: dict[str, float] = {}
     retrieved: list[list[dict[str, Any]]] | None = None
@@ -176,7 +186,7 @@ def evaluate_split(
         metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
     tokenizer = kind.tokenizer(processor)
     answers = student_answers(job, kind, model, processor, prompts, [s.image for s in samples], task.labels)
-    ranked = teacher.ranked_indices(split)[: len(samples)]
+    ranked = teacher.ranked_indices(split)[indices]
     answer_scores, records = answer_metrics(
         answers,
         [task.labels[s.label] for s in samples],
