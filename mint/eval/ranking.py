@@ -40,7 +40,7 @@ def _pad_right(candidates: Sequence[Sequence[int]], pad_token_id: int) -> tuple[
     return ids, real
 
 
-def _expanded(cache: DynamicCache, batch: int) -> DynamicCache:
+def expanded_cache(cache: DynamicCache, batch: int) -> DynamicCache:
     """A new cache whose layers view the prompt's keys/values `batch` times (no copy)."""
     layers = []
     for keys, values, sliding in cache:
@@ -112,7 +112,7 @@ def score_candidates(
         ids, real = ids.to(device), real.to(device)
         logits = model(
             input_ids=ids,
-            cache=_expanded(context_cache, len(chunk)),
+            cache=expanded_cache(context_cache, len(chunk)),
             use_cache=True,
             **extra(len(chunk), len(context), len(context) + ids.shape[1]),
         ).logits

@@ -223,20 +223,19 @@ def shared_prefix_states(
     with a KV cache that every row's own tokens then continue (views of it, no copy)."""
     from transformers import DynamicCache
 
+    from mint.eval.ranking import expanded_cache
+
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prefix_cache = DynamicCache()
     head = trunk_states(
         model, start, {"input_ids": ids[:1, :shared], "attention_mask": mask[:1, :shared]}, prefix_cache
     )
     rows = ids.shape[0]
-    views = [
-        (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values, *_ in prefix_cache
-    ]
     tail = trunk_states(
         model,
         start,
         {"input_ids": ids[:, shared:], "attention_mask": mask},
-        DynamicCache(ddp_cache_data=views),
+        expanded_cache(prefix_cache, rows),
     )
     return torch.cat([head.expand(rows, -1, -1), tail], dim=1)
 
