@@ -334,3 +334,49 @@ def test_smollm2_vision_student_gives_smollm2s_logits_at_build(tmp_path) -> None
     }
     assert lora_layers == {26, 28, 29, 31}
     check_top_only(model, 26)
+
+
+def test_bf16_mixed_training_steps_the_full_trained_modules_in_float32(tiny, tmp_path) -> None:
+    """A bfloat16 base under bf16-mixed: the modules trained in full take their AdamW steps in
+    float32. At lr 1e-3 each step of a weight at 1 (the norm weights and gates at build) is under
+    half of bfloat16's spacing there (0.0039 below 1), so in bfloat16 every step rounds away;
+    in float32, 8 of them add up to a change for some. After the fit the weights are bfloat16
+    again, as evaluation (without autocast) needs."""
+    import functools
+
+    import lightning as L
+
+    model, processor = load_vision_student(
+        str(tiny[0]),
+        cache_dir=str(tmp_path),
+        dtype="bfloat16",
+        lora=made(student_config("tiny_llama_vision").lora),
+        train_top_layers=None,
+    )
+    at_one = {
+        name: p
+        for name, p in model.named_parameters()
+        if p.requires_grad and "modules_to_save" in name and bool((p == 1).all())
+    }
+    assert len(at_one) > 10 and all(p.dtype == torch.bfloat16 for p in at_one.values())
+    module = PreferenceModule(
+        model,
+        method="orpo",
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
+        forward=image_sides_logits,
+    )
+    collator = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(_pairs(processor) * 8, batch_size=6, collate_fn=collator)
+    trainer = L.Trainer(
+        max_steps=8,
+        precision="bf16-mixed",
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert all(p.dtype == torch.bfloat16 for p in at_one.values())
+    moved = sum(int((p != 1).sum()) for p in at_one.values())
+    assert moved > 20, moved

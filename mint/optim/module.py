@@ -29,6 +29,9 @@ from mint.optim.forward import (
 )
 from mint.optim.losses import dpo_loss, orpo_loss
 
+# Precisions whose compute runs in 16 bits under autocast while the optimizer steps the weights.
+MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
+
 
 class PreferenceModule(L.LightningModule):
     """Aligns `model` (usually a PEFT model) on preference batches."""
@@ -58,6 +61,7 @@ class PreferenceModule(L.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.packed = packed
         self.forward_sides = forward
+        self._fit_dtypes: list[tuple[torch.nn.Parameter, torch.dtype]] = []
         # Checkpoints keep only trainable weights (see on_save_checkpoint), so
         # loading one must not demand the frozen base weights.
         self.strict_loading = False
@@ -133,6 +137,31 @@ class PreferenceModule(L.LightningModule):
         self.log_dict(
             {f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, on_epoch=True, sync_dist=True
         )
+
+    def setup(self, stage: str) -> None:
+        # Mixed precision computes in 16 bits but keeps the trained weights in float32. PEFT does
+        # so for LoRA's own weights; modules trained in full (`modules_to_save`) keep the base's
+        # dtype, and in bfloat16 (8 bits of mantissa) an AdamW step of 5e-4 on a weight near 1
+        # rounds to no change: the SmolLM2 vision student's gates stayed at exactly 1.0 for 100
+        # steps. Here, before a checkpoint is restored and the optimizer is built, so both see
+        # float32; `on_fit_end` casts back for evaluation, which runs without autocast. FSDP
+        # applies its own mixed-precision policy to the weights it shards.
+        if stage != "fit" or self.trainer.precision not in MIXED_PRECISIONS:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        self._fit_dtypes = [
+            (p, p.dtype)
+            for p in self.model.parameters()
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+        ]
+        for p, _ in self._fit_dtypes:
+            p.data = p.data.float()
+
+    def on_fit_end(self) -> None:
+        for p, dtype in self._fit_dtypes:
+            p.data = p.data.to(dtype)
+        self._fit_dtypes = []
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
