@@ -100,14 +100,15 @@ class Notify(L.Callback):
         self.channel = channel
 
 
-def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, marker: Path) -> list[str]:
-    """The command line of a 12-step ORPO run (checkpoints every 4 steps) that `StallOnce` holds
-    at step 10; the cache is the session's, where the in-process reference run finds its student."""
+def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, marker: Path, every: int = 4) -> list[str]:
+    """The command line of a 12-step ORPO run (checkpoints every `every` steps) that `StallOnce`
+    holds at step 10; the cache is the session's, where the in-process reference run finds its
+    student."""
     return [
         *SMOKE,
         "optim=orpo",
         "logger=csv",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
         f"paths.log_dir={log_dir}",
@@ -474,10 +475,13 @@ def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(ma
 def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_an_uninterrupted_run(
     make_cfg, tmp_path, shared_cache
 ):
-    """SIGTERM (SLURM's warning before preemption) during step 10 of 12: the run writes last.ckpt
-    after that step and exits with status 143, no results.json; resume=true finishes from it."""
+    """SIGTERM (SLURM's warning before preemption) during step 10 of 12, before any periodic
+    checkpoint (every 12 steps): the run writes last.ckpt after that step and exits with status
+    143, no results.json; resume=true finishes from it, and its step-12 checkpoint replaces
+    last.ckpt (Lightning's version counter would write last-v1.ckpt beside it, and the next
+    resume=true would go back to step 11)."""
     run_dir, marker = tmp_path / "run", tmp_path / "waiting"
-    args = _stalling_run(run_dir, tmp_path, shared_cache, marker)
+    args = _stalling_run(run_dir, tmp_path, shared_cache, marker, every=12)
     proc = _mint(args, _env(), tmp_path / "first.log")
     try:
         deadline = time.time() + 240
@@ -499,6 +503,8 @@ def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_a
     rerun = _mint([*args, "resume=true"], _env(), tmp_path / "rerun.log")
     assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     resumed = json.loads((run_dir / "results.json").read_text())
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step12.ckpt"]
+    assert torch.load(last, weights_only=True)["global_step"] == 12
     full = run(make_cfg(*SMOKE, "optim=orpo", output_dir=tmp_path / "full"))
     assert resumed["train/steps"] == full["train/steps"] == 12
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
