@@ -31,8 +31,10 @@ import numpy as np
 import peft
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from mint.cache import cached
+from mint.eval.ranking import expanded_cache
 from mint.pairs.packed import PackedPreferenceCollator, packed_length
 from mint.pairs.text import as_item
 
@@ -221,10 +223,6 @@ def shared_prefix_states(
 ) -> torch.Tensor:
     """`trunk_states` of right-padded rows whose first `shared` tokens are the same: those run once,
     with a KV cache that every row's own tokens then continue (views of it, no copy)."""
-    from transformers import DynamicCache
-
-    from mint.eval.ranking import expanded_cache
-
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prefix_cache = DynamicCache()
     head = trunk_states(
