@@ -5,6 +5,13 @@ Llama built from config (hidden 256, 4 layers, vocab 2048, float32, CPU). The me
 within each repeat so that drifting load on a shared machine hits both alike; medians reported.
 
     .venv/bin/python experiments/bench_ranking.py [--repeats 7] [--threads N]
+
+`--trunk`: the ranking of a student trained on its top 4 layers (mint/eval/trunk_ranking.py)
+against the KV-cache path, on SmolLM2-135M-Instruct in bfloat16 with a random LoRA on its top
+layers, rare-disease shapes (30 labels after a shared 8-token header, 200-token prompts): the
+trunk build (once per test split and base) and the top-layer scoring, per prompt.
+
+    PYTHONPATH=. .venv/bin/python experiments/bench_ranking.py --trunk [--prompts 24] [--tiny]
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 import random
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +30,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from mint.eval.ranking import score_candidates, score_candidates_full  # noqa: E402
+from mint.eval.trunk_ranking import candidate_row, ranking_trunk, trunk_label_scores  # noqa: E402
 
 VOCAB = 2048
 
@@ -50,8 +59,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--trunk", action="store_true", help="top-layer ranking on a cached trunk vs KV cache"
+    )
+    parser.add_argument("--prompts", type=int, default=24, help="--trunk: test prompts")
+    parser.add_argument(
+        "--tiny", action="store_true", help="--trunk: this benchmark's small Llama, not SmolLM2"
+    )
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
+    if cli.trunk:
+        return trunk_main(cli)
 
     rng = random.Random(0)
     model = build_model(cli.hidden, cli.layers)
@@ -91,6 +109,71 @@ def main() -> None:
         diff_sum = (scores[name].summed - cached.summed).abs().max().item()
         diff_mean = (scores[name].mean - cached.mean).abs().max().item()
         print(f"| {name} | {med:.4f} | {med / base:.1f}x | {diff_sum:.2e} / {diff_mean:.2e} |")
+
+
+def trunk_main(cli: argparse.Namespace) -> None:
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    from mint.optim.trunk import top_lora
+
+    top = 4 if not cli.tiny else 2
+    if cli.tiny:
+        model, vocab, name = build_model(cli.hidden, cli.layers), VOCAB, "small Llama, float32"
+    else:
+        from mint.student.gguf import smollm2_gguf
+        from mint.student.load import load_student
+
+        folder, gguf_file = smollm2_gguf()
+        model, _ = load_student(folder, cache_dir="outputs/cache", gguf_file=gguf_file, dtype="bfloat16")
+        vocab, name = model.config.vocab_size, "SmolLM2-135M-Instruct, bfloat16"
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, top_lora(lora, model, top)).eval()
+    rng = random.Random(0)
+    header = [rng.randrange(1, vocab) for _ in range(8)]
+    candidates = [header + [rng.randrange(1, vocab) for _ in range(rng.randint(4, 10))] for _ in range(30)]
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(180, 220))] for _ in range(cli.prompts)]
+    rows = [candidate_row(p, candidates) for p in prompts]
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        trunk = ranking_trunk(
+            model,
+            rows,
+            top_layers=top,
+            pad_token_id=0,
+            batch_size=8,
+            cache_dir=Path(cache),
+            base={"bench": 1},
+        )
+        build = time.perf_counter() - started
+        times: dict[str, list[float]] = {"kv_cache": [], "top layers on the trunk": []}
+        for _ in range(cli.repeats):
+            started = time.perf_counter()
+            kv = torch.stack([score_candidates(model, tokenizer, p, candidates).summed for p in prompts])
+            times["kv_cache"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            on_trunk = trunk_label_scores(model, trunk, rows, batch_size=8)
+            times["top layers on the trunk"].append(time.perf_counter() - started)
+    n = len(prompts)
+    kv_s = statistics.median(times["kv_cache"]) / n
+    top_s = statistics.median(times["top layers on the trunk"]) / n
+    diff = (torch.from_numpy(on_trunk) - kv.float()).abs().max().item()
+    print(
+        f"{name}, LoRA on the top {top} layers; {n} prompts of {min(map(len, prompts))}-"
+        f"{max(map(len, prompts))} tokens, C=30 candidates (8 shared + 4-10 own tokens); "
+        f"{torch.get_num_threads()} threads, {cli.repeats} repeats"
+    )
+    print("| path | s per prompt | ratio to kv_cache |")
+    print("|---|---|---|")
+    print(f"| kv_cache (full depth) | {kv_s:.3f} | 1.0x |")
+    print(f"| trunk build (once per test split and base) | {build / n:.3f} | {build / n / kv_s:.2f}x |")
+    print(f"| top layers on the trunk (each evaluation) | {top_s:.3f} | {top_s / kv_s:.2f}x |")
+    print(f"max abs score difference: {diff:.2e}")
+    print(f"speedup of each evaluation vs kv_cache: {kv_s / top_s:.1f}x")
 
 
 if __name__ == "__main__":

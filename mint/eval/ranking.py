@@ -53,7 +53,7 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _shared_prefix_length(candidates: Sequence[Sequence[int]]) -> int:
+def shared_candidate_prefix(candidates: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every candidate has in common, leaving each at least one of its own."""
     shortest = min(len(c) for c in candidates)
     length = 0
@@ -87,7 +87,7 @@ def score_candidates(
     if not candidate_ids_list or any(len(c) == 0 for c in candidate_ids_list):
         raise ValueError("score_candidates needs at least one candidate and no empty candidate")
     device = next(model.parameters()).device
-    shared = _shared_prefix_length(candidate_ids_list)
+    shared = shared_candidate_prefix(candidate_ids_list)
     head = list(candidate_ids_list[0][:shared])
     context = list(prompt_ids) + head
     extra = extra_inputs or (lambda rows, start, stop: {})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,13 +153,14 @@ def _after_trunk(module: str, start: int) -> bool:
     return layer is not None and int(layer.group(2)) >= start
 
 
-def check_top_only(model: torch.nn.Module, start: int) -> None:
-    """Every trainable parameter and every adapter weight lies in layer `start` or above (or after
-    the decoder layers): otherwise the trunk states would not be those the model computes."""
+def check_top_only(model: torch.nn.Module, start: int, *, trainable: bool = True) -> None:
+    """Every adapter weight (and, with `trainable`, every trainable parameter: for training) lies in
+    layer `start` or above (or after the decoder layers): otherwise the trunk states would not be
+    those the model computes."""
     bad = []
     image_above = all(i >= start for i in cross_attention_layers(model))
     for name, param in model.named_parameters():
-        adapted = param.requires_grad or "lora_" in name or "modules_to_save" in name
+        adapted = (trainable and param.requires_grad) or "lora_" in name or "modules_to_save" in name
         if not adapted or (image_above and _image_side(name)):  # the image side feeds the top layers only
             continue
         layer = re.search(r"\.layers\.(\d+)\.", name)
@@ -320,6 +321,14 @@ class Trunk:
         tensor = torch.from_numpy(chunk)
         return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
 
+    def padded(self, sequences: Sequence[int], length: int) -> torch.Tensor:
+        """[len(sequences), length, H]: the sequences' states, zero-padded on the right."""
+        parts = [self.sequence(i) for i in sequences]
+        out = torch.zeros((len(parts), length, parts[0].shape[-1]), dtype=parts[0].dtype)
+        for row, part in enumerate(parts):
+            out[row, : part.shape[0]] = part
+        return out
+
     @classmethod
     def load(cls, folder: Path, mmap: bool = True) -> Trunk:
         meta = np.load(folder / "meta.npy", allow_pickle=False)
@@ -355,7 +364,43 @@ def build_trunk(
     from mint.optim.forward import attention_mask_for
 
     packed = isinstance(collator, PackedPreferenceCollator)
-    lengths = sequence_lengths(pairs, packed)
+    order = sorted(range(len(pairs)), key=lambda i: packed_length(pairs[i]))
+
+    def batches() -> Iterator[tuple[dict[str, torch.Tensor], list[int]]]:
+        for first in range(0, len(pairs), batch_size):
+            indices = order[first : first + batch_size]
+            batch = collator([pairs[i] for i in indices])
+            if packed:
+                inputs = dict(
+                    input_ids=batch["input_ids"],
+                    attention_mask=attention_mask_for(model, batch["segment_ids"]),
+                    position_ids=batch["position_ids"],
+                )
+                yield inputs, indices
+            else:
+                sides = ("chosen", "rejected")
+                inputs = dict(
+                    input_ids=torch.cat([batch[f"{side}_input_ids"] for side in sides]),
+                    attention_mask=torch.cat([batch[f"{side}_attention_mask"] for side in sides]),
+                )
+                yield inputs, [2 * i for i in indices] + [2 * i + 1 for i in indices]
+
+    write_trunk(model, start, folder, sequence_lengths(pairs, packed), packed, batches())
+
+
+def write_trunk(
+    model: torch.nn.Module,
+    start: int,
+    folder: Path,
+    lengths: Sequence[int],
+    packed: bool,
+    batches: Iterable[tuple[dict[str, torch.Tensor], list[int]]],
+) -> None:
+    """Write the trunk states of sequences of `lengths` into `folder` (the `Trunk` layout).
+
+    `batches`: (model inputs of right-padded rows, the sequence index of each row). Unpacked rows
+    that start with a long common prefix run it once (`shared_prefix_states`).
+    """
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     hidden = causal_lm(model).config.get_text_config().hidden_size
     dtype = decoder_of(model).norm.weight.dtype
@@ -365,25 +410,9 @@ def build_trunk(
     )
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: packed_length(pairs[i]))
     device = next(model.parameters()).device
-    for first in tqdm(range(0, len(pairs), batch_size), desc="trunk states", unit="batch"):
-        indices = order[first : first + batch_size]
-        batch = {k: v.to(device) for k, v in collator([pairs[i] for i in indices]).items()}
-        if packed:
-            inputs = dict(
-                input_ids=batch["input_ids"],
-                attention_mask=attention_mask_for(model, batch["segment_ids"]),
-                position_ids=batch["position_ids"],
-            )
-            sequences = indices
-        else:
-            sides = ("chosen", "rejected")
-            inputs = dict(
-                input_ids=torch.cat([batch[f"{side}_input_ids"] for side in sides]),
-                attention_mask=torch.cat([batch[f"{side}_attention_mask"] for side in sides]),
-            )
-            sequences = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+    for inputs, sequences in tqdm(batches, desc="trunk states", unit="batch"):
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         shared = 0 if packed else shared_prefix_length(inputs["input_ids"], inputs["attention_mask"])
         if shared >= MIN_SHARED_PREFIX:
             out = shared_prefix_states(model, start, inputs, shared)
@@ -444,22 +473,15 @@ class TrunkCollator:
         self.inner = inner
         self.trunk = trunk
 
-    def _padded(self, sequences: list[int], length: int) -> torch.Tensor:
-        parts = [self.trunk.sequence(i) for i in sequences]
-        out = torch.zeros((len(parts), length, parts[0].shape[-1]), dtype=parts[0].dtype)
-        for row, part in enumerate(parts):
-            out[row, : part.shape[0]] = part
-        return out
-
     def __call__(self, pairs: Sequence[Any]) -> dict[str, torch.Tensor]:
         items = [as_item(pair) for pair in pairs]
         batch = self.inner(items)
         rows = [item["trunk_row"] for item in items]
         batch["trunk_start"] = torch.tensor(self.trunk.start)
         if self.trunk.packed:
-            batch["trunk_states"] = self._padded(rows, batch["input_ids"].shape[1])
+            batch["trunk_states"] = self.trunk.padded(rows, batch["input_ids"].shape[1])
         else:
             length = batch["chosen_input_ids"].shape[1]
-            batch["chosen_trunk"] = self._padded([2 * r for r in rows], length)
-            batch["rejected_trunk"] = self._padded([2 * r + 1 for r in rows], length)
+            batch["chosen_trunk"] = self.trunk.padded([2 * r for r in rows], length)
+            batch["rejected_trunk"] = self.trunk.padded([2 * r + 1 for r in rows], length)
         return batch

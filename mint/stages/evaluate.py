@@ -26,17 +26,22 @@ from mint.data.task_data import Sample, TaskData
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
+from mint.eval.trunk_ranking import candidate_row, ranking_trunk, trunk_label_scores
 from mint.files import write_atomic
 from mint.plots import hits_at_k, plot_hits_at_k
 from mint.prefs.builder import PromptTemplate
 from mint.prefs.formats import AnswerFormat
 from mint.rag import KnowledgeBase, RagSettings, augment_prompts, knowledge_base
 from mint.report import write_metrics
+from mint.stages.student import base_identity
 from mint.stages.trainer import Table
 from mint.student.kinds import StudentKind
 from mint.teacher.crossfit import TeacherResult
 
 log = logging.getLogger("mint")
+# Prompts a batch when ranking on trunk states: the logits at a row's ~C * name-length scored
+# positions are C * tokens * vocabulary floats (30 labels, 8 tokens, 49k words: 47 MB a row).
+RANKING_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class EvalJob:
     seed: int
     cache_dir: Path
     rag: RagSettings | None
+    # student.train_top_layers, and what identifies the frozen base below them: a text student
+    # ranks the labels on cached trunk states (mint/eval/trunk_ranking.py)
+    top_layers: int | None
+    base: dict[str, Any]
 
 
 def eval_job(cfg: DictConfig) -> EvalJob:
@@ -80,6 +89,8 @@ def eval_job(cfg: DictConfig) -> EvalJob:
         seed=cfg.seed,
         cache_dir=Path(cfg.paths.cache_dir),
         rag=RagSettings.from_config(cfg.optim.rag) if method is Method.rag else None,
+        top_layers=cfg.student.get("train_top_layers"),
+        base=base_identity(plain(cfg.student)),
     )
 
 
@@ -201,9 +212,11 @@ def evaluate_split(
     metrics |= answer_scores
     # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
     if split == "test":
-        scores = label_scores(
-            kind, model, processor, prompts, samples, label_candidates(tokenizer, task.labels, job.answer)
-        )
+        candidates = label_candidates(tokenizer, task.labels, job.answer)
+        if job.top_layers is not None and kind.can_pack:  # candidate rows use the packed layout
+            scores = top_layer_label_scores(job, kind, model, processor, prompts, candidates)
+        else:
+            scores = label_scores(kind, model, processor, prompts, samples, candidates)
         metrics |= closed_set_metrics(
             scores, [s.label for s in samples], job.answer.n, n_boot=job.n_boot, seed=job.seed
         )
@@ -253,6 +266,30 @@ def label_scores(
         rows.append(scores.float().cpu().numpy())
     model.train(was_training)
     return np.stack(rows)
+
+
+def top_layer_label_scores(
+    job: EvalJob,
+    kind: StudentKind,
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    candidates: list[list[int]],
+) -> np.ndarray:
+    """`label_scores` of a text student trained on its top layers: the layers below run once per
+    test split and base (cached), each evaluation only the top layers."""
+    tokenizer = kind.tokenizer(processor)
+    rows = [candidate_row(kind.prompt_ids(processor, prompt), candidates) for prompt in prompts]
+    trunk = ranking_trunk(
+        model,
+        rows,
+        top_layers=job.top_layers,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        batch_size=RANKING_BATCH,
+        cache_dir=job.cache_dir,
+        base=job.base,
+    )
+    return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
 
 
 def plot_student_vs_teacher(

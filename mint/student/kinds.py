@@ -141,9 +141,12 @@ class TextStudent:
         candidates: list[list[int]],
     ) -> torch.Tensor:
         """Summed log-prob of each candidate answer; the prompt's KV cache is shared by all."""
+        return score_candidates(model, processor, self.prompt_ids(processor, prompt), candidates).summed
+
+    def prompt_ids(self, processor: Any, prompt: list[dict]) -> list[int]:
+        """The prompt's token ids as the student reads them before its answer."""
         text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        prompt_ids = processor(text, add_special_tokens=False)["input_ids"]
-        return score_candidates(model, processor, prompt_ids, candidates).summed
+        return processor(text, add_special_tokens=False)["input_ids"]
 
     def generation_inputs(
         self, processor: Any, images: list[np.ndarray] | None
