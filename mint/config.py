@@ -160,6 +160,10 @@ class EvalConfig:
     # Also generate for the validation split and report val/format_valid, val/top1, val/topk:
     # what hyperparameter search optimises (the test split must never steer choices).
     on_val: bool = False
+    # Rank the validation split's labels after every validation pass of training (val/rank_top1,
+    # val/rank_topk): the task's metric along the learning curve. On cached trunk states for a text
+    # student with train_top_layers (SmolLM2: ~0.13 s a note), else at full depth.
+    val_ranking: bool = False
 
 
 @dataclass

@@ -22,7 +22,7 @@ from mint.config import Method, Stage, check_config, register_configs
 from mint.errors import report
 from mint.leakage import check_task_splits
 from mint.report import headline, markdown_table, scrub_job_start, write_metrics, write_results
-from mint.stages.evaluate import eval_stage
+from mint.stages.evaluate import eval_stage, val_ranking
 from mint.stages.prefs import custom_rows, prefs_stage
 from mint.stages.student import check_rows, fit_student, sft_start, student_job
 from mint.stages.teacher import is_pipeline_task, load_task, teacher_stage
@@ -76,7 +76,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results["sft_start/adapter"] = job.student.adapter_path
         loggers = build_loggers(job.loggers, job.hparams)  # open until the evaluation is logged too
         try:
-            model, processor, student_metrics = fit_student(job, rows, run_dir / "student", loggers)
+            validation = val_ranking(cfg, kind, task) if pipeline and cfg.task.eval.val_ranking else None
+            model, processor, student_metrics = fit_student(
+                job, rows, run_dir / "student", loggers, validation=validation
+            )
             results |= student_metrics
             if not is_global_zero():
                 # An extra DDP process: its share of training is done; rank 0 evaluates and writes.

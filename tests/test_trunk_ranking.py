@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -103,4 +104,42 @@ def test_the_eval_stage_ranks_a_top_layer_student_on_one_trunk_per_base(make_cfg
     assert top["test/rank_topk"] == full["test/rank_topk"]
     trained = ("student.train_top_layers=1", "student.lora.modules_to_save=[lm_head]", "trainer.max_steps=2")
     run_with("optim=orpo", *trained, name="orpo")
-    assert builds == [1]
+    assert builds == [1]  # the test split's trunk, reused
+
+
+def test_val_ranking_logs_the_validation_splits_top1_along_training(make_cfg, tmp_path, monkeypatch):
+    """task.eval.val_ranking: after every validation pass, val/rank_top1 and val/rank_topk of the
+    labels' scores on the validation split (on the trunk for a top-N student)."""
+    import mint.stages.evaluate as evaluate
+    from mint.metrics import topk_hits
+    from mint.run import run
+
+    calls = []
+    real = evaluate.closed_set_scores
+    monkeypatch.setattr(
+        evaluate, "closed_set_scores", lambda *a: calls.append((a[5], real(*a))) or calls[-1][1]
+    )
+    cfg = make_cfg(
+        "task=rare_disease",
+        "debug=smoke",
+        "optim=orpo",
+        "student.train_top_layers=1",
+        "student.lora.modules_to_save=[lm_head]",
+        "trainer.max_steps=4",
+        "+trainer.val_check_interval=2",
+        "task.eval.val_ranking=true",
+        "task.eval.max_samples=12",
+        output_dir=tmp_path / "run",
+    )
+    results = run(cfg)
+    # two passes in training, the final validation, then the test split's evaluation
+    val_calls = calls[:-1]
+    assert len(val_calls) == 3
+    samples, scores = val_calls[-1]
+    test_samples = calls[-1][0]
+    assert len(samples) == 12 and scores.shape[0] == 12
+    assert not {s.id for s in samples} & {s.id for s in test_samples}  # the validation split's cases
+    truths = np.array([s.label for s in samples])
+    assert results["val/rank_top1"] == pytest.approx(topk_hits(scores, truths, 1).mean())
+    assert results["val/rank_topk"] == pytest.approx(topk_hits(scores, truths, 10).mean())
+    assert 0 <= results["val/rank_top1"] <= results["val/rank_topk"] <= 1

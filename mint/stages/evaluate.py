@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -28,6 +30,7 @@ from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
 from mint.eval.trunk_ranking import candidate_row, ranking_trunk, trunk_label_scores
 from mint.files import write_atomic
+from mint.metrics import topk_hits
 from mint.plots import hits_at_k, plot_hits_at_k
 from mint.prefs.builder import PromptTemplate
 from mint.prefs.formats import AnswerFormat
@@ -213,10 +216,7 @@ def evaluate_split(
     # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
     if split == "test":
         candidates = label_candidates(tokenizer, task.labels, job.answer)
-        if job.top_layers is not None and kind.can_pack:  # candidate rows use the packed layout
-            scores = top_layer_label_scores(job, kind, model, processor, prompts, candidates)
-        else:
-            scores = label_scores(kind, model, processor, prompts, samples, candidates)
+        scores = closed_set_scores(job, kind, model, processor, prompts, samples, candidates)
         metrics |= closed_set_metrics(
             scores, [s.label for s in samples], job.answer.n, n_boot=job.n_boot, seed=job.seed
         )
@@ -268,6 +268,22 @@ def label_scores(
     return np.stack(rows)
 
 
+def closed_set_scores(
+    job: EvalJob,
+    kind: StudentKind,
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    samples: list[Sample],
+    candidates: list[list[int]],
+) -> np.ndarray:
+    """[prompts, labels] label scores: on the cached trunk for a text student trained on its top
+    layers (its candidate rows use the packed layout), else at full depth with the KV cache."""
+    if job.top_layers is not None and kind.can_pack:
+        return top_layer_label_scores(job, kind, model, processor, prompts, candidates)
+    return label_scores(kind, model, processor, prompts, samples, candidates)
+
+
 def top_layer_label_scores(
     job: EvalJob,
     kind: StudentKind,
@@ -290,6 +306,53 @@ def top_layer_label_scores(
         base=job.base,
     )
     return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
+
+
+# --------------------------------------------------------------------------- during training
+
+
+class ClosedSetValidation(L.Callback):
+    """`val/rank_top1` and `val/rank_topk` after every validation pass (task.eval.val_ranking): the
+    task's own metric along the learning curve, beside the preference loss and reward accuracy,
+    which can stand still while top-1 moves (and the reverse)."""
+
+    def __init__(self, scores: Callable[[torch.nn.Module], np.ndarray], truths: list[int], k: int):
+        self.scores = scores
+        self.truths = np.asarray(truths)
+        self.k = k
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # The precision's autocast, as in a validation step: under bf16-mixed the weights being
+        # trained are float32 and the frozen ones bfloat16.
+        with trainer.precision_plugin.forward_context():
+            scores = self.scores(pl_module.model)
+        hits = {
+            name: topk_hits(scores, self.truths, top).mean() for name, top in (("top1", 1), ("topk", self.k))
+        }
+        pl_module.log_dict({f"val/rank_{name}": float(value) for name, value in hits.items()})
+
+
+def val_ranking(
+    cfg: DictConfig, kind: StudentKind, task: TaskData
+) -> Callable[[torch.nn.Module, Any], L.Callback]:
+    """For the student stage: a `ClosedSetValidation` over the validation split (its
+    `task.eval.max_samples`, spread), made once the student and its processor are loaded."""
+    job = eval_job(cfg)
+    split = task.splits["val"]
+    samples = [split[i] for i in spread_indices(len(split), job.max_samples)]
+    prompts = [kind.prompt(job.template, s) for s in samples]
+
+    def make(model: torch.nn.Module, processor: Any) -> L.Callback:
+        candidates = label_candidates(kind.tokenizer(processor), task.labels, job.answer)
+
+        def scores(trained: torch.nn.Module) -> np.ndarray:
+            return closed_set_scores(job, kind, trained, processor, prompts, samples, candidates)
+
+        return ClosedSetValidation(scores, [s.label for s in samples], job.answer.n)
+
+    return make
 
 
 def plot_student_vs_teacher(

@@ -237,11 +237,13 @@ def fit_student(
     stage_dir: Path,
     loggers: list,
     checkpoint_dir: Path | None = None,
+    validation: Callable[[torch.nn.Module, Any], L.Callback] | None = None,
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Align the student on `rows` (or leave it as is for optim=none|rag), validate, save its adapter.
 
     `loggers` stay open (the evaluation that follows logs to them too); `checkpoint_dir`
-    replaces the checkpoint callback's folder.
+    replaces the checkpoint callback's folder; `validation(model, processor)` makes one more
+    callback for training (the task's metric on the validation split, `task.eval.val_ranking`).
     """
     started = time.time()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +315,8 @@ def fit_student(
         training=trains,
         checkpoint_dir=checkpoint_dir,
     )
+    if validation is not None and trains:
+        callbacks.append(validation(model, processor))
     trainer = build_trainer(job.trainer, loggers=loggers, callbacks=callbacks, root_dir=stage_dir)
     metrics: dict[str, Any] = {"data/train_pairs": len(train_pairs), "data/val_pairs": len(val_pairs)}
     if train_report is not None:
