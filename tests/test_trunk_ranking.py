@@ -114,10 +114,13 @@ def test_val_ranking_logs_the_validation_splits_top1_along_training(make_cfg, tm
     from mint.metrics import topk_hits
     from mint.run import run
 
-    calls = []
-    real = evaluate.closed_set_scores
+    calls, made = [], []
+    real_scores, real_callback = evaluate.trunk_label_scores, evaluate.ClosedSetValidation
     monkeypatch.setattr(
-        evaluate, "closed_set_scores", lambda *a: calls.append((a[5], real(*a))) or calls[-1][1]
+        evaluate, "trunk_label_scores", lambda *a, **k: calls.append(real_scores(*a, **k)) or calls[-1]
+    )
+    monkeypatch.setattr(
+        evaluate, "ClosedSetValidation", lambda *a: made.append(real_callback(*a)) or made[-1]
     )
     cfg = make_cfg(
         "task=rare_disease",
@@ -132,14 +135,10 @@ def test_val_ranking_logs_the_validation_splits_top1_along_training(make_cfg, tm
         output_dir=tmp_path / "run",
     )
     results = run(cfg)
-    # two passes in training, the final validation, then the test split's evaluation
-    val_calls = calls[:-1]
-    assert len(val_calls) == 3
-    samples, scores = val_calls[-1]
-    test_samples = calls[-1][0]
-    assert len(samples) == 12 and scores.shape[0] == 12
-    assert not {s.id for s in samples} & {s.id for s in test_samples}  # the validation split's cases
-    truths = np.array([s.label for s in samples])
-    assert results["val/rank_top1"] == pytest.approx(topk_hits(scores, truths, 1).mean())
-    assert results["val/rank_topk"] == pytest.approx(topk_hits(scores, truths, 10).mean())
+    # two passes in training and the final validation on the validation split, then the test split
+    assert len(calls) == 4 and [len(scores) for scores in calls] == [12] * 4
+    truths = made[0].truths
+    assert results["val/rank_top1"] == pytest.approx(topk_hits(calls[2], truths, 1).mean())
+    assert results["val/rank_topk"] == pytest.approx(topk_hits(calls[2], truths, 10).mean())
+    assert not np.array_equal(calls[2], calls[3])  # other cases
     assert 0 <= results["val/rank_top1"] <= results["val/rank_topk"] <= 1

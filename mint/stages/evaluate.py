@@ -28,9 +28,10 @@ from mint.data.task_data import Sample, TaskData
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
-from mint.eval.trunk_ranking import candidate_row, ranking_trunk, trunk_label_scores
+from mint.eval.trunk_ranking import CandidateRow, candidate_row, ranking_trunk, trunk_label_scores
 from mint.files import write_atomic
 from mint.metrics import topk_hits
+from mint.optim.trunk import Trunk
 from mint.plots import hits_at_k, plot_hits_at_k
 from mint.prefs.builder import PromptTemplate
 from mint.prefs.formats import AnswerFormat
@@ -293,7 +294,20 @@ def top_layer_label_scores(
     candidates: list[list[int]],
 ) -> np.ndarray:
     """`label_scores` of a text student trained on its top layers: the layers below run once per
-    test split and base (cached), each evaluation only the top layers."""
+    split and base (cached), each evaluation only the top layers."""
+    rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
+    return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
+
+
+def ranking_rows(
+    job: EvalJob,
+    kind: StudentKind,
+    model: torch.nn.Module,
+    processor: Any,
+    prompts: list[list[dict]],
+    candidates: list[list[int]],
+) -> tuple[list[CandidateRow], Trunk]:
+    """One packed candidate row per prompt, and their trunk states (built, or read from the cache)."""
     tokenizer = kind.tokenizer(processor)
     rows = [candidate_row(kind.prompt_ids(processor, prompt), candidates) for prompt in prompts]
     trunk = ranking_trunk(
@@ -305,7 +319,7 @@ def top_layer_label_scores(
         cache_dir=job.cache_dir,
         base=job.base,
     )
-    return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
+    return rows, trunk
 
 
 # --------------------------------------------------------------------------- during training
@@ -346,9 +360,17 @@ def val_ranking(
 
     def make(model: torch.nn.Module, processor: Any) -> L.Callback:
         candidates = label_candidates(kind.tokenizer(processor), task.labels, job.answer)
+        if job.top_layers is not None and kind.can_pack:
+            # The trunk is built here, before training, outside its autocast: the states are the
+            # base's own, as the test split's are.
+            rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
 
-        def scores(trained: torch.nn.Module) -> np.ndarray:
-            return closed_set_scores(job, kind, trained, processor, prompts, samples, candidates)
+            def scores(trained: torch.nn.Module) -> np.ndarray:
+                return trunk_label_scores(trained, trunk, rows, batch_size=RANKING_BATCH)
+        else:
+
+            def scores(trained: torch.nn.Module) -> np.ndarray:
+                return label_scores(kind, trained, processor, prompts, samples, candidates)
 
         return ClosedSetValidation(scores, [s.label for s in samples], job.answer.n)
 
