@@ -64,6 +64,9 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=24, help="--trunk: test prompts")
     parser.add_argument(
+        "--dtype", default="bfloat16", help="--trunk: SmolLM2's dtype (float32 shows exactness)"
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="--trunk: this benchmark's small Llama, not SmolLM2"
     )
     cli = parser.parse_args()
