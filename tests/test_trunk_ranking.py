@@ -85,7 +85,7 @@ def test_the_eval_stage_ranks_a_top_layer_student_on_one_trunk_per_base(make_cfg
     monkeypatch.setattr(
         "mint.eval.trunk_ranking.write_trunk", lambda *a, **k: builds.append(1) or real_write(*a, **k)
     )
-    for name in ("label_scores", "top_layer_label_scores"):
+    for name in ("label_scores", "trunk_label_scores"):
         real = getattr(evaluate, name)
         monkeypatch.setattr(
             evaluate, name, lambda *a, _r=real, _n=name, **k: scores.setdefault(_n, _r(*a, **k))
@@ -100,7 +100,7 @@ def test_the_eval_stage_ranks_a_top_layer_student_on_one_trunk_per_base(make_cfg
     assert builds == [] and set(scores) == {"label_scores"}
     top = run_with("optim=none", "student.train_top_layers=1", name="top")
     assert builds == [1]
-    np.testing.assert_allclose(scores["top_layer_label_scores"], scores["label_scores"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores["trunk_label_scores"], scores["label_scores"], atol=1e-4, rtol=0)
     assert top["test/rank_topk"] == full["test/rank_topk"]
     trained = ("student.train_top_layers=1", "student.lora.modules_to_save=[lm_head]", "trainer.max_steps=2")
     run_with("optim=orpo", *trained, name="orpo")

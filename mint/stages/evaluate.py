@@ -280,23 +280,10 @@ def closed_set_scores(
 ) -> np.ndarray:
     """[prompts, labels] label scores: on the cached trunk for a text student trained on its top
     layers (its candidate rows use the packed layout), else at full depth with the KV cache."""
-    if job.top_layers is not None and kind.can_pack:
-        return top_layer_label_scores(job, kind, model, processor, prompts, candidates)
+    if job.top_layers is not None and kind.can_pack:  # the layers below run once per split and base
+        rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
+        return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
     return label_scores(kind, model, processor, prompts, samples, candidates)
-
-
-def top_layer_label_scores(
-    job: EvalJob,
-    kind: StudentKind,
-    model: torch.nn.Module,
-    processor: Any,
-    prompts: list[list[dict]],
-    candidates: list[list[int]],
-) -> np.ndarray:
-    """`label_scores` of a text student trained on its top layers: the layers below run once per
-    split and base (cached), each evaluation only the top layers."""
-    rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
-    return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
 
 
 def ranking_rows(
