@@ -204,6 +204,37 @@ def test_same_seed_same_numbers(make_cfg, tmp_path, prefs_path):
     assert first["val/loss"] != other["val/loss"]
 
 
+def test_a_validation_right_after_the_last_step_is_reported_not_rerun(
+    make_cfg, tmp_path, prefs_path, monkeypatch
+):
+    """When fit validated after its last step, the stage reports that pass instead of validating
+    the same weights again; its numbers are what a second pass gives."""
+    from mint.stages.trainer import LastValidation
+
+    validations = []
+    real_validate = L.Trainer.validate
+    monkeypatch.setattr(
+        L.Trainer, "validate", lambda self, *a, **k: validations.append(1) or real_validate(self, *a, **k)
+    )
+    args = ("task=custom", f"task.prefs_path={prefs_path}", "optim=orpo", "debug=smoke")
+    every_2 = "+trainer.val_check_interval=2"
+    reported = run(make_cfg(*args, "trainer.max_steps=4", every_2, output_dir=tmp_path / "reported"))
+    assert validations == []
+    monkeypatch.setattr(LastValidation, "on_validation_end", lambda *a: None)  # as if it had not
+    rerun = run(make_cfg(*args, "trainer.max_steps=4", every_2, output_dir=tmp_path / "rerun"))
+    assert validations == [1]
+    val = {k: v for k, v in rerun.items() if k.startswith("val/")}
+    assert {"val/loss", "val/rewards/accuracies"} <= val.keys()
+    assert {k: v for k, v in reported.items() if k.startswith("val/")} == pytest.approx(val, abs=1e-6)
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        L.Trainer, "validate", lambda self, *a, **k: validations.append(1) or real_validate(self, *a, **k)
+    )
+    # stopped after step 3, between two validations: the stage validates the final weights
+    run(make_cfg(*args, "trainer.max_steps=3", every_2, output_dir=tmp_path / "between"))
+    assert validations == [1, 1]
+
+
 def test_missing_dataset_is_a_clear_error_and_writes_nothing(make_cfg, tmp_path):
     cfg = make_cfg("task=custom", f"task.prefs_path={tmp_path}/nope.jsonl", "debug=smoke")
     with pytest.raises(FileNotFoundError, match=r"task\.prefs_path=.*nope\.jsonl"):

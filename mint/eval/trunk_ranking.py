@@ -172,8 +172,12 @@ def ranking_trunk(
         "top_layers": top_layers,
     }
     lengths = [len(row.input_ids) for row in rows]
+    total = -(-len(rows) // batch_size)
     folder = cached(
-        cache_dir, "ranking_trunk", key, lambda out: write_trunk(model, start, out, lengths, True, batches())
+        cache_dir,
+        "ranking_trunk",
+        key,
+        lambda out: write_trunk(model, start, out, lengths, True, batches(), total),
     )
     return Trunk.load(folder)
 

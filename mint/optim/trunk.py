@@ -385,7 +385,8 @@ def build_trunk(
                 )
                 yield inputs, [2 * i for i in indices] + [2 * i + 1 for i in indices]
 
-    write_trunk(model, start, folder, sequence_lengths(pairs, packed), packed, batches())
+    total = -(-len(pairs) // batch_size)
+    write_trunk(model, start, folder, sequence_lengths(pairs, packed), packed, batches(), total)
 
 
 def write_trunk(
@@ -395,11 +396,12 @@ def write_trunk(
     lengths: Sequence[int],
     packed: bool,
     batches: Iterable[tuple[dict[str, torch.Tensor], list[int]]],
+    total: int,
 ) -> None:
     """Write the trunk states of sequences of `lengths` into `folder` (the `Trunk` layout).
 
-    `batches`: (model inputs of right-padded rows, the sequence index of each row). Unpacked rows
-    that start with a long common prefix run it once (`shared_prefix_states`).
+    `batches`: `total` pairs of (model inputs of right-padded rows, the sequence index of each
+    row). Unpacked rows that start with a long common prefix run it once (`shared_prefix_states`).
     """
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     hidden = causal_lm(model).config.get_text_config().hidden_size
@@ -411,7 +413,7 @@ def write_trunk(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for inputs, sequences in tqdm(batches, desc="trunk states", unit="batch"):
+    for inputs, sequences in tqdm(batches, desc="trunk states", unit="batch", total=total):
         inputs = {k: v.to(device) for k, v in inputs.items()}
         shared = 0 if packed else shared_prefix_length(inputs["input_ids"], inputs["attention_mask"])
         if shared >= MIN_SHARED_PREFIX:

@@ -36,6 +36,7 @@ from mint.pairs.rows import Rows, pairs_to_texts
 from mint.report import scrub, write_metrics
 from mint.resume import start_checkpoint
 from mint.stages.trainer import (
+    LastValidation,
     build_callbacks,
     build_loggers,
     build_trainer,
@@ -317,6 +318,8 @@ def fit_student(
     )
     if validation is not None and trains:
         callbacks.append(validation(model, processor))
+    last_validation = LastValidation()
+    callbacks.append(last_validation)
     trainer = build_trainer(job.trainer, loggers=loggers, callbacks=callbacks, root_dir=stage_dir)
     metrics: dict[str, Any] = {"data/train_pairs": len(train_pairs), "data/val_pairs": len(val_pairs)}
     if train_report is not None:
@@ -337,7 +340,11 @@ def fit_student(
         if trainer.is_global_zero:
             save_adapter(model, processor, stage_dir / "adapter", state_dict=full_state)
             log_adapter_artifact(loggers, job, stage_dir / "adapter", steps=trainer.global_step)
-    if val_loader is not None:
+    if val_loader is not None and trains and last_validation.step == trainer.global_step:
+        # Fit validated after its last step: the same weights would give the same numbers again
+        # (for a SmolLM2 student a second pass costs a minute or more).
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    elif val_loader is not None:
         for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
             metrics.update(result)
     metrics["time/student_s"] = time.time() - started

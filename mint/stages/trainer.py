@@ -156,6 +156,18 @@ def build_callbacks(
     return callbacks
 
 
+class LastValidation(L.Callback):
+    """The global step of fit's last validation pass (-1: none yet), so the stage can reuse its
+    metrics instead of validating the same weights again when it ran after the last step."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint: rerun with resume=true to continue."""
 
