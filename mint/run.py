@@ -24,7 +24,7 @@ from mint.leakage import check_task_splits
 from mint.report import headline, markdown_table, scrub_job_start, write_metrics, write_results
 from mint.stages.evaluate import eval_stage, val_ranking
 from mint.stages.prefs import custom_rows, prefs_stage
-from mint.stages.student import check_rows, fit_student, sft_start, student_job
+from mint.stages.student import check_rows, fit_student, sft_start, share_sft_start, student_job
 from mint.stages.teacher import is_pipeline_task, load_task, teacher_stage
 from mint.stages.trainer import build_loggers, close_loggers, is_global_zero, log_final
 from mint.student.kinds import student_kind
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if not is_global_zero():
                 # An extra DDP process: its share of training is done; rank 0 evaluates and writes.
                 return results
+            share_sft_start(job, rows, run_dir / "student")  # a DPO run after this one starts from it
             media = []  # plots and the predictions tables, for W&B
             if pipeline and stage is Stage.all:
                 eval_metrics, media = eval_stage(cfg, kind, task, teacher, model, processor, run_dir)

@@ -421,13 +421,13 @@ def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeyp
     from safetensors.torch import load_file
 
     common = ("task=custom", f"task.prefs_path={prefs_path}", "debug=smoke", "task.max_samples=40")
-    sft = run(with_own_cache(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"), tmp_path))
     dpo = run(with_own_cache(make_cfg(*common, "optim=dpo", output_dir=tmp_path / "dpo"), tmp_path))
     again = run(
         with_own_cache(
             make_cfg(*common, "optim=dpo", "optim.beta=0.5", output_dir=tmp_path / "dpo_beta"), tmp_path
         )
     )
+    sft = run(with_own_cache(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"), tmp_path))
 
     # The first DPO run trained its SFT start (logs and checkpoints in its sft_start/); the
     # second (another beta) found it in the cache and trained only DPO.
@@ -442,3 +442,32 @@ def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeyp
     after_dpo = load_file(tmp_path / "dpo" / "student" / "adapter" / weights)
     assert any(not torch.equal(start[k], after_dpo[k]) for k in start)  # DPO trained on from it
     assert sft["train/steps"] == dpo["train/steps"] == 12
+
+
+def test_a_dpo_run_after_an_sft_run_starts_from_its_adapter(make_cfg, tmp_path, prefs_path):
+    """A comparison runs optim=sft before optim=dpo on the same pairs: DPO's SFT start is that run's
+    adapter, not a second SFT training. Other SFT settings train their own start."""
+    from safetensors.torch import load_file
+
+    common = ("task=custom", f"task.prefs_path={prefs_path}", "debug=smoke", "task.max_samples=40")
+    run(with_own_cache(make_cfg(*common, "optim=sft", output_dir=tmp_path / "sft"), tmp_path))
+    dpo = run(with_own_cache(make_cfg(*common, "optim=dpo", output_dir=tmp_path / "dpo"), tmp_path))
+
+    assert not (tmp_path / "dpo" / "sft_start").exists()  # no SFT trained inside the DPO run
+    weights = "adapter_model.safetensors"
+    start = load_file(Path(dpo["sft_start/adapter"]) / weights)
+    sft = load_file(tmp_path / "sft" / "student" / "adapter" / weights)
+    assert start.keys() == sft.keys() and all(torch.equal(start[k], sft[k]) for k in start)
+    after_dpo = load_file(tmp_path / "dpo" / "student" / "adapter" / weights)
+    assert any(not torch.equal(start[k], after_dpo[k]) for k in start)
+    assert dpo["train/steps"] == 12
+
+    # Another learning rate is another SFT: the DPO run trains its own start.
+    other = run(
+        with_own_cache(
+            make_cfg(*common, "optim=dpo", "student.learning_rate=1e-3", output_dir=tmp_path / "dpo_lr"),
+            tmp_path,
+        )
+    )
+    assert (tmp_path / "dpo_lr" / "sft_start" / "csv" / "metrics.csv").is_file()
+    assert other["sft_start/adapter"] != dpo["sft_start/adapter"]

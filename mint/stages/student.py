@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,12 +212,18 @@ def rows_digest(rows: list[dict]) -> str:
     return digest.hexdigest()
 
 
+def sft_start_key(job: StudentJob, rows: Rows) -> dict[str, Any]:
+    """What determines DPO's SFT start: the rows and the job with the SFT loss."""
+    return {"rows": rows_digest(rows.train), "val_rows": rows_digest(rows.val), **job.as_sft().identity}
+
+
 def sft_start(job: StudentJob, rows: Rows, run_dir: Path) -> str:
     """The paper's DPO starts from SFT: train the student with the SFT loss on the same prompts
     (chosen as target) and the same settings, once per (rows, student, settings), in the stage
-    cache; returns the adapter folder. A sweep over DPO betas reuses it."""
+    cache; returns the adapter folder. A sweep over DPO betas reuses it, and so does a DPO run
+    after an `optim=sft` run with the same settings (`share_sft_start`)."""
     sft = job.as_sft()
-    key = {"rows": rows_digest(rows.train), "val_rows": rows_digest(rows.val), **sft.identity}
+    key = sft_start_key(job, rows)
 
     def make(folder: Path) -> None:
         log.info("optim.init_from_sft: training the SFT start of %s first", job.method.method)
@@ -230,6 +237,21 @@ def sft_start(job: StudentJob, rows: Rows, run_dir: Path) -> str:
             close_loggers(loggers)
 
     return str(cached(job.cache_dir, "sft_start", key, make) / "adapter")
+
+
+def share_sft_start(job: StudentJob, rows: Rows, stage_dir: Path) -> None:
+    """An `optim=sft` run from scratch has trained exactly the adapter that DPO's SFT start with the
+    same settings would (same rows, seed, settings; training is deterministic): put it in the stage
+    cache as that start, so a DPO run after it (a comparison runs sft before dpo) starts from it
+    instead of training SFT a second time. A no-op when the entry exists already."""
+    if job.method.method is not Method.sft or job.student.adapter_path is not None:
+        return
+
+    def make(folder: Path) -> None:
+        shutil.copytree(stage_dir / "adapter", folder / "adapter")
+        shutil.copy2(stage_dir / "metrics.json", folder / "metrics.json")
+
+    cached(job.cache_dir, "sft_start", sft_start_key(job, rows), make)
 
 
 def fit_student(
