@@ -17,7 +17,8 @@ What it does:
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
 4. reads every run's results.json and writes into the output folder:
-   comparison.md, comparison.csv (per method), comparison_runs.csv (per method and seed),
+   comparison.md, comparison.csv (per method; with the minutes one run takes, from each run's
+   `time/run_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
 `--resume` finishes a stopped comparison in its --out folder: finished runs (results.json) are
@@ -100,6 +101,9 @@ class RunResult:
     seed: int
     values: dict[str, float]  # metric -> value, plus metric_ci_low / metric_ci_high when known
     folder: Path
+    # The run's own wall time (results.json `time/run_s`); None for a teacher row read out of a
+    # student run (its time is that run's) and for runs made before the time was recorded.
+    minutes: float | None = None
 
 
 # --- running -------------------------------------------------------------------------
@@ -200,6 +204,11 @@ def _values(results: dict, prefix: str, metrics: tuple[str, ...]) -> dict[str, f
     return out
 
 
+def _minutes(results: dict) -> float | None:
+    seconds = results.get("time/run_s")
+    return None if seconds is None else float(seconds) / 60
+
+
 def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
     """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed."""
     folders = sorted(p for p in (runs_dir / "methods").iterdir() if p.is_dir())
@@ -214,9 +223,8 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
         config = OmegaConf.load(folder / ".hydra" / "config.yaml")
         results = json.loads(results_file.read_text())
         seed = int(config.seed)
-        runs.append(
-            RunResult(str(config.optim.method), "student", seed, _values(results, "test/", METRICS), folder)
-        )
+        values = _values(results, "test/", METRICS)
+        runs.append(RunResult(str(config.optim.method), "student", seed, values, folder, _minutes(results)))
         teacher = RunResult(
             MULTIMODAL_TEACHER, "reference", seed, _values(results, "teacher/test/", ("top1", "topk")), folder
         )
@@ -238,7 +246,12 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
         results = json.loads(results_file.read_text())
         runs.append(
             RunResult(
-                ABLATIONS[slug].row, "student", int(config.seed), _values(results, "test/", METRICS), folder
+                ABLATIONS[slug].row,
+                "student",
+                int(config.seed),
+                _values(results, "test/", METRICS),
+                folder,
+                _minutes(results),
             )
         )
     if unimodal_name is not None:
@@ -252,6 +265,7 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
                     int(config.seed),
                     _values(results, "teacher/test/", ("top1", "topk")),
                     folder,
+                    _minutes(results),
                 )
             )
     return runs
@@ -267,6 +281,9 @@ def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
         if not group:
             continue
         row: dict = {"method": method, "kind": group[0].kind, "n_seeds": len(group)}
+        minutes = [r.minutes for r in group]
+        if None not in minutes:  # what one run of this row costs: mean over seeds
+            row["minutes_mean"] = float(np.mean(minutes))
         for metric in METRICS:
             values = np.array([r.values[metric] for r in group if metric in r.values])
             if len(values) == 0:
@@ -283,6 +300,15 @@ def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
                     row[f"{metric}_{bound}"] = float(np.mean(bounds))
         rows.append(row)
     return rows
+
+
+# The leading columns of comparison.csv and comparison_runs.csv; the metrics follow.
+SUMMARY_COLUMNS = ["method", "kind", "n_seeds", "minutes_mean"]
+RUN_COLUMNS = ["method", "kind", "seed", "minutes"]
+
+
+def _run_row(run: RunResult) -> dict:
+    return {"method": run.method, "kind": run.kind, "seed": run.seed, "minutes": run.minutes} | run.values
 
 
 def _columns(rows: list[dict], base: list[str]) -> list[str]:
@@ -304,6 +330,10 @@ def write_csv(path: Path, rows: list[dict], base: list[str]) -> None:
             writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def _duration(minutes: float) -> str:
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
 def markdown(task: str, summary: list[dict], runs: list[RunResult], command: str) -> str:
     shown = [m for m in METRICS if any(f"{m}_mean" in row for row in summary)]
     lines = [
@@ -315,8 +345,8 @@ def markdown(task: str, summary: list[dict], runs: list[RunResult], command: str
         "reference lines (the teacher sees more than the student). Per-seed values with each run's",
         "95% bootstrap CI over its test samples are in the second table.",
         "",
-        "| method | seeds | " + " | ".join(HEADERS[m] for m in shown) + " |",
-        "|---|---|" + "---|" * len(shown),
+        "| method | seeds | min/run | " + " | ".join(HEADERS[m] for m in shown) + " |",
+        "|---|---|---|" + "---|" * len(shown),
     ]
     for row in summary:
         cells = []
@@ -328,7 +358,17 @@ def markdown(task: str, summary: list[dict], runs: list[RunResult], command: str
                 f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f} [{row[f'{m}_min']:.3f}-{row[f'{m}_max']:.3f}]"
             )
         name = f"*{row['method']}*" if row["kind"] == "reference" else f"**{row['method']}**"
-        lines.append(f"| {name} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+        minutes = f"{row['minutes_mean']:.1f}" if "minutes_mean" in row else "—"
+        lines.append(f"| {name} | {row['n_seeds']} | {minutes} | " + " | ".join(cells) + " |")
+    timed = [r.minutes for r in runs if r.minutes is not None]
+    if timed:
+        untimed = len({r.folder for r in runs if r.minutes is None and r.kind == "student"})
+        lines += [
+            "",
+            f"Compute: {len(timed)} runs took {_duration(sum(timed))} in all (each run's own wall time,"
+            " `time/run_s`; min/run is its mean over seeds; a resumed run counts from its resumption)"
+            + (f"; {untimed} runs recorded no time." if untimed else "."),
+        ]
     students = [r for r in summary if r["kind"] == "student" and "top1_std" in r]
     if students and max(r["n_seeds"] for r in students) > 1:
         noisiest = max(students, key=lambda r: r["top1_std"])
@@ -408,10 +448,10 @@ def log_wandb(
         mode=mode,
         config={"task": task},
     )
-    columns = _columns(summary, ["method", "kind", "n_seeds"])
+    columns = _columns(summary, SUMMARY_COLUMNS)
     table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in summary])
-    per_run = [{"method": r.method, "kind": r.kind, "seed": r.seed} | r.values for r in runs]
-    run_columns = _columns(per_run, ["method", "kind", "seed"])
+    per_run = [_run_row(r) for r in runs]
+    run_columns = _columns(per_run, RUN_COLUMNS)
     run.log(
         {
             "comparison/summary": table,
@@ -429,12 +469,9 @@ def write_report(
 ) -> list[dict]:
     """comparison.md / .csv / _runs.csv / .png from the collected runs; returns the summary rows."""
     summary = summarize(runs, order)
-    write_csv(out_dir / "comparison.csv", summary, ["method", "kind", "n_seeds"])
-    per_run = [
-        {"method": r.method, "kind": r.kind, "seed": r.seed} | r.values
-        for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))
-    ]
-    write_csv(out_dir / "comparison_runs.csv", per_run, ["method", "kind", "seed"])
+    write_csv(out_dir / "comparison.csv", summary, SUMMARY_COLUMNS)
+    per_run = [_run_row(r) for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))]
+    write_csv(out_dir / "comparison_runs.csv", per_run, RUN_COLUMNS)
     (out_dir / "comparison.md").write_text(markdown(task, summary, runs, command))
     plot(out_dir / "comparison.png", task, summary, runs)
     return summary

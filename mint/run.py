@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ register_configs()
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the configured stages and returns the flat results dict (also in results.json)."""
+    started = time.time()
     check_config(cfg)  # every value in range before any work (mint/config.py)
     kind = student_kind(  # before any work: can the student read what the task gives it?
         task_name=cfg.task.name,
@@ -94,6 +96,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             close_loggers(loggers)
 
     objective_value(results, cfg.objective, stage)  # a missing objective fails before results.json exists
+    # This process's wall time (a resumed run: since it resumed); the comparison reports it per method.
+    results["time/run_s"] = round(time.time() - started, 1)
     flat = write_results(run_dir, results, title=f"MINT run {cfg.run_name}")
     log.info("results in %s\n%s", run_dir, markdown_table(headline(flat)))
     return flat

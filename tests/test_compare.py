@@ -57,6 +57,7 @@ def distinct_per_seed(runs_dir: Path, methods: list[str], seeds: list[int]) -> N
                 results[f"test/{metric}"] = value
                 results[f"test/{metric}_ci_low"] = value - 0.02 - 0.01 * s
                 results[f"test/{metric}_ci_high"] = value + 0.03 + 0.01 * m
+            results["time/run_s"] = 1500.0 + 900 * s + 420 * m  # hours in all: the total in h
             path.write_text(json.dumps(results))
 
 
@@ -92,6 +93,22 @@ def check_report(
         top1 = [results(f)["teacher/test/top1"] for f in folders]
         assert float(rows[name]["top1_mean"]) == pytest.approx(np.mean(top1), abs=1e-6)
         assert rows[name]["format_valid_mean"] == ""  # a teacher gives no generated answers
+
+    # What each run cost: its own wall time, averaged per row, summed for the whole comparison.
+    minutes = {}
+    for method in methods:
+        seconds = [results(runs_dir / "methods" / f"{method}_seed{s}")["time/run_s"] for s in seeds]
+        assert float(rows[method]["minutes_mean"]) == pytest.approx(np.mean(seconds) / 60, abs=1e-6)
+        minutes[method] = seconds
+    minutes[unimodal] = [results(runs_dir / "unimodal_teacher" / f"seed{s}")["time/run_s"] for s in seeds]
+    assert float(rows[unimodal]["minutes_mean"]) == pytest.approx(np.mean(minutes[unimodal]) / 60, abs=1e-6)
+    assert rows[compare.MULTIMODAL_TEACHER]["minutes_mean"] == ""  # its time is inside the student runs
+    total = sum(sum(v) for v in minutes.values()) / 60
+    took = f"{total:.1f} min" if total < 120 else f"{total / 60:.1f} h"
+    assert (
+        f"Compute: {len(seeds) * (len(methods) + 1)} runs took {took} in all"
+        in (out_dir / "comparison.md").read_text()
+    )
 
     per_run = read_csv(out_dir / "comparison_runs.csv")
     assert len(per_run) == (len(methods) + 2) * len(seeds)
