@@ -4,6 +4,7 @@
     .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --ablations
     .venv/bin/python experiments/compare.py task=rare_disease debug=smoke --seeds 1 2 --methods none rag
     .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --out DIR --resume   # finish DIR
+    .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --out DIR --report-only  # tables so far
 
 What it does:
 1. one `python -m mint.run` per method and seed (`optim=none,sft,rag,dpo,orpo`), seed by seed,
@@ -23,6 +24,8 @@ What it does:
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
 `--resume` finishes a stopped comparison in its --out folder: finished runs (results.json) are
 skipped, an interrupted one continues from its last checkpoint (`resume=true`).
+`--report-only` (the comparison's own arguments plus its --out) runs nothing: it writes the tables
+of the runs finished so far and names the runs still to come (a comparison spread over days).
 
 Statistics. Per method: the mean over seeds, the sample standard deviation over seeds and the
 min-max range (seed noise: teacher, preference set, student initialisation and data order all
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "sft", "rag", "dpo", "orpo")
@@ -209,19 +212,33 @@ def _minutes(results: dict) -> float | None:
     return None if seconds is None else float(seconds) / 60
 
 
-def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
-    """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed."""
-    folders = sorted(p for p in (runs_dir / "methods").iterdir() if p.is_dir())
-    if not folders:
-        raise FileNotFoundError(f"no runs under {runs_dir / 'methods'}")
+def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = False) -> list[RunResult]:
+    """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed.
+    A run without results.json stops it, unless `skip_unfinished` (a report on a comparison still
+    in progress: `--report-only`)."""
+
+    def finished(folders: list[Path]) -> list[tuple[Path, DictConfig, dict]]:
+        out = []
+        for folder in folders:
+            results_file = folder / "results.json"
+            if not results_file.is_file():
+                if skip_unfinished:
+                    continue
+                raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
+            config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+            out.append((folder, config, json.loads(results_file.read_text())))
+        return out
+
+    def subfolders(name: str) -> list[Path]:
+        parent = runs_dir / name
+        return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+    methods = finished(subfolders("methods"))
+    if not methods:
+        raise FileNotFoundError(f"no runs under {runs_dir / 'methods'} (finished ones)")
     runs: list[RunResult] = []
     teachers: dict[int, RunResult] = {}
-    for folder in folders:
-        results_file = folder / "results.json"
-        if not results_file.is_file():
-            raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
-        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
-        results = json.loads(results_file.read_text())
+    for folder, config, results in methods:
         seed = int(config.seed)
         values = _values(results, "test/", METRICS)
         runs.append(RunResult(str(config.optim.method), "student", seed, values, folder, _minutes(results)))
@@ -234,16 +251,11 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
             )
         teachers.setdefault(seed, teacher)
     runs += [teachers[s] for s in sorted(teachers)]
-    ablations = runs_dir / "ablations"
-    for folder in sorted(p for p in ablations.iterdir() if p.is_dir()) if ablations.is_dir() else []:
-        slug = folder.name.rsplit("_seed", 1)[0]
-        if slug not in ABLATIONS:
+    for folder in subfolders("ablations"):
+        if folder.name.rsplit("_seed", 1)[0] not in ABLATIONS:
             raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
-        results_file = folder / "results.json"
-        if not results_file.is_file():
-            raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
-        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
-        results = json.loads(results_file.read_text())
+    for folder, config, results in finished(subfolders("ablations")):
+        slug = folder.name.rsplit("_seed", 1)[0]
         runs.append(
             RunResult(
                 ABLATIONS[slug].row,
@@ -255,9 +267,7 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
             )
         )
     if unimodal_name is not None:
-        for folder in sorted(p for p in (runs_dir / "unimodal_teacher").iterdir() if p.is_dir()):
-            config = OmegaConf.load(folder / ".hydra" / "config.yaml")
-            results = json.loads((folder / "results.json").read_text())
+        for folder, config, results in finished(subfolders("unimodal_teacher")):
             runs.append(
                 RunResult(
                     unimodal_name,
@@ -334,13 +344,19 @@ def _duration(minutes: float) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def markdown(task: str, summary: list[dict], runs: list[RunResult], command: str) -> str:
+def markdown(
+    task: str, summary: list[dict], runs: list[RunResult], command: str, pending: list[str] = ()
+) -> str:
     shown = [m for m in METRICS if any(f"{m}_mean" in row for row in summary)]
     lines = [
         f"# MINT comparison: {task}",
         "",
         f"Command: `{command}`",
         "",
+    ]
+    if pending:  # --report-only on a comparison in progress
+        lines += [f"**In progress**: {len(pending)} runs not finished yet ({', '.join(pending)}).", ""]
+    lines += [
         "Each cell: mean over seeds ± sample std over seeds [min-max over seeds]. Teacher rows are",
         "reference lines (the teacher sees more than the student). Per-seed values with each run's",
         "95% bootstrap CI over its test samples are in the second table.",
@@ -465,14 +481,15 @@ def log_wandb(
 
 
 def write_report(
-    out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str
+    out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str, pending: list[str] = ()
 ) -> list[dict]:
-    """comparison.md / .csv / _runs.csv / .png from the collected runs; returns the summary rows."""
+    """comparison.md / .csv / _runs.csv / .png from the collected runs; returns the summary rows.
+    `pending`: the runs not finished yet, named in the .md (`--report-only`)."""
     summary = summarize(runs, order)
     write_csv(out_dir / "comparison.csv", summary, SUMMARY_COLUMNS)
     per_run = [_run_row(r) for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))]
     write_csv(out_dir / "comparison_runs.csv", per_run, RUN_COLUMNS)
-    (out_dir / "comparison.md").write_text(markdown(task, summary, runs, command))
+    (out_dir / "comparison.md").write_text(markdown(task, summary, runs, command, pending))
     plot(out_dir / "comparison.png", task, summary, runs)
     return summary
 
@@ -504,6 +521,11 @@ def main(argv: list[str] | None = None) -> Path:
         help="finish the comparison in --out: skip finished runs, resume interrupted ones",
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the tables from the runs in --out finished so far, naming the others",
+    )
+    parser.add_argument(
         "--no-unimodal-teacher", action="store_true", help="skip the unimodal teacher's reference row"
     )
     parser.add_argument(
@@ -517,12 +539,15 @@ def main(argv: list[str] | None = None) -> Path:
     task = task_name(args.overrides)
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
         raise SystemExit("--seeds and --methods must not repeat a value")
-    if args.resume and args.out is None and args.name is None:
-        raise SystemExit("--resume needs the --out (or --name) of the comparison to finish")
+    for flag, given in (("--resume", args.resume), ("--report-only", args.report_only)):
+        if given and args.out is None and args.name is None:
+            raise SystemExit(f"{flag} needs the --out (or --name) of the comparison")
     name = args.name or f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = (args.out or ROOT / "outputs" / "comparisons" / name).resolve()
     runs_dir = out_dir / "runs"
-    if runs_dir.exists() and not args.resume:
+    if args.report_only and not runs_dir.is_dir():
+        raise SystemExit(f"--report-only: no comparison in {out_dir} (no runs/ folder)")
+    if runs_dir.exists() and not (args.resume or args.report_only):
         raise SystemExit(
             f"{runs_dir} exists: pass --resume to finish that comparison, or pick another --out or --name"
         )
@@ -544,8 +569,11 @@ def main(argv: list[str] | None = None) -> Path:
         wandb_mode=args.wandb,
         ablations=args.ablations,
     )
-    run_jobs(jobs, args.wandb, args.resume)
-    runs = collect(runs_dir, unimodal_name)
+    pending = [str(job.folder.relative_to(runs_dir)) for job in jobs if not job.finished]
+    if not args.report_only:
+        run_jobs(jobs, args.wandb, args.resume)
+        pending = []
+    runs = collect(runs_dir, unimodal_name, skip_unfinished=args.report_only)
     order = (
         args.methods
         + [ABLATIONS[slug].row for slug in args.ablations]
@@ -556,7 +584,10 @@ def main(argv: list[str] | None = None) -> Path:
         [*args.overrides, "--seeds", *map(str, args.seeds), "--methods", *args.methods]
         + (["--ablations", *args.ablations] if args.ablations else [])
     )
-    summary = write_report(out_dir, task, runs, order, shown_command)
+    summary = write_report(out_dir, task, runs, order, shown_command, pending)
+    if args.report_only:  # what ran stays recorded as the comparison's own run wrote it
+        print((out_dir / "comparison.md").read_text())
+        return out_dir
     (out_dir / "sweep.json").write_text(
         json.dumps(
             {

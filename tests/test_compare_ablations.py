@@ -3,6 +3,7 @@ ablation's overrides reach the training data, and that a resumed comparison skip
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
@@ -19,6 +20,11 @@ compare = load_experiment("compare")
 
 SMOKE = ("task=rare_disease", "debug=smoke")
 UNIMODAL = compare.UNIMODAL_TEACHER["rare_disease"][1]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def jobs(runs_dir: Path, ablations: list[str]) -> list:
@@ -70,6 +76,31 @@ def test_a_fresh_comparison_refuses_an_existing_folder_and_resume_needs_one(tmp_
         compare.main(["task=rare_disease", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs the --out"):
         compare.main(["task=rare_disease", "--resume"])
+
+
+def test_report_only_tables_the_finished_runs_of_a_comparison_in_progress(tmp_path, monkeypatch):
+    """--report-only runs nothing: the tables hold the finished runs, the .md names the others."""
+    runs_dir = tmp_path / "runs"
+    for folder, top1 in (("methods/sft_seed1", 0.5), ("methods/orpo_seed1", None)):
+        path = runs_dir / folder
+        (path / ".hydra").mkdir(parents=True)
+        OmegaConf.save({"seed": 1, "optim": {"method": folder[8:-6]}}, path / ".hydra" / "config.yaml")
+        if top1 is not None:  # orpo_seed1 was interrupted: a folder without results.json
+            results = {"test/top1": top1, "teacher/test/top1": 0.7, "time/run_s": 90.0}
+            (path / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--report-only ran a job"))
+    args = ["task=rare_disease", "--seeds", "1", "2", "--methods", "sft", "orpo", "--no-unimodal-teacher"]
+    compare.main([*args, "--out", str(tmp_path), "--report-only", "--wandb", "disabled"])
+
+    rows = {row["method"]: row for row in read_csv(tmp_path / "comparison.csv")}
+    assert list(rows) == ["sft", compare.MULTIMODAL_TEACHER]
+    assert rows["sft"]["n_seeds"] == "1" and float(rows["sft"]["top1_mean"]) == 0.5
+    assert float(rows["sft"]["minutes_mean"]) == 1.5
+    table = (tmp_path / "comparison.md").read_text()
+    assert "3 runs not finished yet (methods/orpo_seed1, methods/sft_seed2, methods/orpo_seed2)" in table
+    assert not (tmp_path / "sweep.json").exists()  # what a comparison ran is written by its own run
+    with pytest.raises(SystemExit, match="no comparison in"):
+        compare.main([*args, "--out", str(tmp_path / "elsewhere"), "--report-only"])
 
 
 def test_ablation_rows_are_collected_under_their_names(tmp_path):
