@@ -251,10 +251,11 @@ def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = F
             )
         teachers.setdefault(seed, teacher)
     runs += [teachers[s] for s in sorted(teachers)]
-    for folder in subfolders("ablations"):
+    ablations = subfolders("ablations")
+    for folder in ablations:  # unfinished ones too: a misnamed folder is an error either way
         if folder.name.rsplit("_seed", 1)[0] not in ABLATIONS:
             raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
-    for folder, config, results in finished(subfolders("ablations")):
+    for folder, config, results in finished(ablations):
         slug = folder.name.rsplit("_seed", 1)[0]
         runs.append(
             RunResult(

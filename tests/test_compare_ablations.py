@@ -116,6 +116,17 @@ def test_ablation_rows_are_collected_under_their_names(tmp_path):
     assert runs[compare.ABLATIONS["sft_truth"].row].kind == "student"
 
 
+def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
+    """A misnamed (or renamed) ablation folder would drop out of the table silently: refuse it."""
+    path = tmp_path / "runs" / "methods" / "sft_seed1"
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"seed": 1, "optim": {"method": "sft"}}, path / ".hydra" / "config.yaml")
+    (path / "results.json").write_text(json.dumps({"test/top1": 0.5}))
+    (tmp_path / "runs" / "ablations" / "sft_truht_seed1").mkdir(parents=True)  # no results yet
+    with pytest.raises(ValueError, match="sft_truht_seed1: not an ablation of this script"):
+        compare.collect(tmp_path / "runs", None, skip_unfinished=True)
+
+
 @pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth"])
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
     """At smoke size, through the real stages: the ablation's overrides change the rows."""
