@@ -21,6 +21,7 @@ What it does:
    comparison.md, comparison.csv (per method; with the minutes one run takes, from each run's
    `time/run_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
+   comparison_paired.csv (orpo minus each method on the same test cases, paired bootstrap CI),
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
 `--resume` finishes a stopped comparison in its --out folder: finished runs (results.json) are
 skipped, an interrupted one continues from its last checkpoint (`resume=true`).
@@ -481,6 +482,100 @@ def log_wandb(
     run.finish()
 
 
+# --- MINT against each method, case by case --------------------------------------------
+PAIRED_REFERENCE = "orpo"  # the method under test (MINT)
+PAIRED_METRIC = "top1"  # a per-case boolean of eval/predictions.jsonl
+
+
+def _per_case(folder: Path, metric: str) -> dict[str, float]:
+    """case id -> the metric (0/1) for one run, from its eval/predictions.jsonl."""
+    path = folder / "eval" / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if any(metric not in row or "id" not in row for row in rows):
+        raise ValueError(f"{path}: every line needs 'id' and '{metric}'")
+    return {row["id"]: float(row[metric]) for row in rows}
+
+
+def paired_differences(
+    runs: list[RunResult],
+    order: list[str] | None = None,
+    reference: str = PAIRED_REFERENCE,
+    metric: str = PAIRED_METRIC,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict]:
+    """`reference` minus each other student row on the same test cases of the same seeds.
+
+    The per-run CIs of the tables answer "how sure is this run's top-1"; two methods scored on
+    the same cases are compared more sharply by their paired difference (their errors on hard
+    cases move together). Per row: the mean over shared seeds of the per-seed mean difference, its
+    95% paired bootstrap CI (cases resampled within each seed, the same draw for both methods),
+    and on how many seeds the reference was ahead. Runs without eval/predictions.jsonl are left
+    out; rows with no shared seed too. Rows follow `order` (the tables' order) where given."""
+
+    def by_seed(method: str) -> dict[int, Path]:
+        return {
+            r.seed: r.folder
+            for r in runs
+            if r.method == method
+            and r.kind == "student"
+            and (r.folder / "eval" / "predictions.jsonl").is_file()
+        }
+
+    ours = by_seed(reference)
+    rng = np.random.default_rng(seed)
+    rows = []
+    students = dict.fromkeys(r.method for r in runs if r.kind == "student" and r.method != reference)
+    others = [m for m in order if m in students] if order is not None else list(students)
+    for method in others:
+        theirs = by_seed(method)
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        diffs = []  # per seed: reference - method, case by case
+        for s in seeds:
+            a, b = _per_case(ours[s], metric), _per_case(theirs[s], metric)
+            if set(a) != set(b):
+                raise ValueError(f"seed {s}: {ours[s]} and {theirs[s]} were scored on different test cases")
+            diffs.append(np.array([a[case] - b[case] for case in sorted(a)]))
+        means = np.array([d.mean() for d in diffs])
+        boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1) for d in diffs], axis=0)
+        rows.append(
+            {
+                "reference": reference,
+                "method": method,
+                "metric": metric,
+                "n_seeds": len(seeds),
+                "diff_mean": float(means.mean()),
+                "diff_ci_low": float(np.percentile(boot, 2.5)),
+                "diff_ci_high": float(np.percentile(boot, 97.5)),
+                "seeds_ahead": int((means > 0).sum()),
+            }
+        )
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    first = rows[0]
+    lines = [
+        "",
+        f"**{first['reference']} against each method, case by case** ({HEADERS[first['metric']]}: "
+        f"{first['reference']} minus the method on the same test cases, mean over the seeds both ran;",
+        "95% paired bootstrap CI, cases resampled within each seed; a CI above 0 means ahead beyond test-case noise):",
+        "",
+        f"| method | seeds | {first['reference']} minus method [95% CI] | seeds {first['reference']} is ahead |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['n_seeds']} | {row['diff_mean']:+.3f} "
+            f"[{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}] | {row['seeds_ahead']} of {row['n_seeds']} |"
+        )
+    return lines
+
+
 def write_report(
     out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str, pending: list[str] = ()
 ) -> list[dict]:
@@ -490,7 +585,11 @@ def write_report(
     write_csv(out_dir / "comparison.csv", summary, SUMMARY_COLUMNS)
     per_run = [_run_row(r) for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))]
     write_csv(out_dir / "comparison_runs.csv", per_run, RUN_COLUMNS)
-    (out_dir / "comparison.md").write_text(markdown(task, summary, runs, command, pending))
+    paired = paired_differences(runs, order)
+    if paired:
+        write_csv(out_dir / "comparison_paired.csv", paired, list(paired[0]))
+    text = markdown(task, summary, runs, command, pending)
+    (out_dir / "comparison.md").write_text(text + "".join(line + "\n" for line in paired_markdown(paired)))
     plot(out_dir / "comparison.png", task, summary, runs)
     return summary
 

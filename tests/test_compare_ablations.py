@@ -147,3 +147,50 @@ def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
         assert all(truth_first)
     else:
         assert all(in_chosen) and not all(truth_first)  # the teacher's order, the truth added
+
+
+def _run_with_predictions(runs_dir: Path, method: str, seed: int, hits: list[int]) -> None:
+    """A finished run whose test cases c0, c1, ... were answered right (1) or wrong (0)."""
+    path = runs_dir / "methods" / f"{method}_seed{seed}"
+    (path / ".hydra").mkdir(parents=True)
+    (path / "eval").mkdir()
+    OmegaConf.save({"seed": seed, "optim": {"method": method}}, path / ".hydra" / "config.yaml")
+    (path / "results.json").write_text(
+        json.dumps({"test/top1": sum(hits) / len(hits), "teacher/test/top1": 0.7})
+    )
+    lines = [json.dumps({"id": f"c{i}", "top1": bool(hit)}) for i, hit in enumerate(hits)]
+    (path / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_orpo_is_compared_with_each_method_case_by_case(tmp_path):
+    """The paired table: orpo minus the method on the same cases, its CI, the seeds it is ahead."""
+    runs_dir = tmp_path / "runs"
+    _run_with_predictions(runs_dir, "orpo", 1, [1, 1, 1, 0, 1, 0, 1, 1])
+    _run_with_predictions(runs_dir, "sft", 1, [1, 0, 1, 0, 1, 0, 0, 1])  # orpo +2 of 8
+    _run_with_predictions(runs_dir, "orpo", 2, [1, 1, 0, 0, 1, 1, 0, 1])
+    _run_with_predictions(runs_dir, "sft", 2, [1, 1, 0, 0, 1, 0, 0, 1])  # orpo +1 of 8
+    _run_with_predictions(runs_dir, "dpo", 2, [1, 1, 1, 1, 1, 1, 1, 1])  # orpo -3 of 8, seed 2 only
+    runs = compare.collect(runs_dir, None)
+    rows = {row["method"]: row for row in compare.paired_differences(runs, n_boot=500)}
+
+    assert set(rows) == {"sft", "dpo"}
+    sft, dpo = rows["sft"], rows["dpo"]
+    assert sft["n_seeds"] == 2 and sft["diff_mean"] == pytest.approx((2 / 8 + 1 / 8) / 2)
+    assert sft["seeds_ahead"] == 2
+    # orpo is never worse than sft on a case: no resample can make the difference negative.
+    assert 0 <= sft["diff_ci_low"] <= sft["diff_mean"] <= sft["diff_ci_high"]
+    assert dpo["n_seeds"] == 1 and dpo["diff_mean"] == pytest.approx(-3 / 8) and dpo["seeds_ahead"] == 0
+    assert dpo["diff_ci_high"] <= 0
+
+    compare.write_report(
+        tmp_path, "rare_disease", runs, ["sft", "dpo", "orpo", compare.MULTIMODAL_TEACHER], "cmd"
+    )
+    assert "| sft | 2 | +0.188 [" in (tmp_path / "comparison.md").read_text()
+    assert [r["method"] for r in read_csv(tmp_path / "comparison_paired.csv")] == ["sft", "dpo"]
+
+    # Runs scored on different test cases cannot be paired.
+    (runs_dir / "methods" / "sft_seed2" / "eval" / "predictions.jsonl").write_text(
+        '{"id": "x", "top1": true}\n'
+    )
+    with pytest.raises(ValueError, match="different test cases"):
+        compare.paired_differences(compare.collect(runs_dir, None))
