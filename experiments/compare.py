@@ -522,7 +522,8 @@ def paired_differences(
             and (r.folder / "eval" / "predictions.jsonl").is_file()
         }
 
-    ours = by_seed(reference)
+    our_folders = by_seed(reference)
+    ours = {s: _per_case(folder, metric) for s, folder in our_folders.items()}  # read once
     rng = np.random.default_rng(seed)
     rows = []
     students = dict.fromkeys(r.method for r in runs if r.kind == "student" and r.method != reference)
@@ -534,9 +535,11 @@ def paired_differences(
             continue
         diffs = []  # per seed: reference - method, case by case
         for s in seeds:
-            a, b = _per_case(ours[s], metric), _per_case(theirs[s], metric)
+            a, b = ours[s], _per_case(theirs[s], metric)
             if set(a) != set(b):
-                raise ValueError(f"seed {s}: {ours[s]} and {theirs[s]} were scored on different test cases")
+                raise ValueError(
+                    f"seed {s}: {our_folders[s]} and {theirs[s]} were scored on different test cases"
+                )
             diffs.append(np.array([a[case] - b[case] for case in sorted(a)]))
         means = np.array([d.mean() for d in diffs])
         boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1) for d in diffs], axis=0)
@@ -588,6 +591,8 @@ def write_report(
     paired = paired_differences(runs, order)
     if paired:
         write_csv(out_dir / "comparison_paired.csv", paired, list(paired[0]))
+    else:  # no longer any pair to compare: no stale table from an earlier report
+        (out_dir / "comparison_paired.csv").unlink(missing_ok=True)
     text = markdown(task, summary, runs, command, pending)
     (out_dir / "comparison.md").write_text(text + "".join(line + "\n" for line in paired_markdown(paired)))
     plot(out_dir / "comparison.png", task, summary, runs)
