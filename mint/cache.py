@@ -4,7 +4,8 @@
 rankings, a preference dataset, ...) plus `manifest.json` (the stage, the key,
 the config it was made from, and a sha256 per file). Entries are built in a
 temp folder beside their final place and renamed into it, so a killed run
-leaves no partial entry; on read the manifest is checked, so a damaged entry is
+leaves no partial entry (its temp folder is removed by the next build of the same
+entry); on read the manifest is checked, so a damaged entry is
 rebuilt instead of used. A sweep over methods therefore trains one teacher and
 builds one preference set, also when its jobs run in parallel (a lock file per entry).
 """
@@ -75,6 +76,11 @@ def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) ->
                 return entry
             log.warning("%s: cache entry %s fails its manifest check; rebuilding it", stage, entry)
             shutil.rmtree(entry)
+        # Builds of this entry hold this lock, so a temp folder of it found now was left by a
+        # killed build (kill -9 skips build_atomically's clean-up): a trunk's can be 0.5 GB.
+        for stale in entry.parent.glob(f".{key}.tmp-*"):
+            log.info("%s: removing %s, left by a killed build", stage, stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
         def make_with_manifest(folder: Path) -> None:
             make(folder)

@@ -118,7 +118,7 @@ def _hold_the_lock_and_hang(root: str, started: str) -> None:
     cached(Path(root), "teacher", {"same": "key"}, make)
 
 
-def test_the_lock_of_a_killed_build_does_not_block_the_next_one(tmp_path):
+def test_a_killed_build_neither_blocks_the_next_one_nor_leaves_its_temp_folder(tmp_path):
     started = tmp_path / "started"
     hung = multiprocessing.get_context("fork").Process(
         target=_hold_the_lock_and_hang, args=(tmp_path, started)
@@ -129,5 +129,9 @@ def test_the_lock_of_a_killed_build_does_not_block_the_next_one(tmp_path):
         time.sleep(0.05)
     os.kill(hung.pid, signal.SIGKILL)  # holding the lock, mid-build
     hung.join()
+    key = config_key({"same": "key"})
+    left = list((tmp_path / "teacher").glob(f".{key}.tmp-*"))
+    assert len(left) == 1  # kill -9 skips every clean-up: its temp folder stays ...
     entry = cached(tmp_path, "teacher", {"same": "key"}, lambda folder: (folder / "a.txt").write_text("x"))
     assert verify(entry) and (entry / "a.txt").read_text() == "x"
+    assert sorted((tmp_path / "teacher").iterdir()) == [entry]  # ... until the next build of it
