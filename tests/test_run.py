@@ -266,6 +266,9 @@ def test_cli_entry_point_runs_the_default_job(tmp_path, shared_cache):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train/steps"] == 12
     assert {"teacher/test/top1", "test/top1", "test/format_valid"} <= results.keys()
+    # where the time went, for a user sizing a run
+    assert all(results[f"time/{part}_s"] > 0 for part in ("student/fit", "test/generate", "test/rank"))
+    assert results["time/run_s"] > results["time/student_s"] > results["time/student/fit_s"]
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
     assert (tmp_path / "run" / "eval" / "predictions.jsonl").exists()
     printed = proc.stderr + proc.stdout

@@ -195,6 +195,8 @@ def test_one_trunk_serves_orpo_dpo_its_sft_start_and_a_beta_sweep(make_cfg, tmp_
     run_with("optim=dpo", "optim.beta=0.5", name="dpo_beta")
     assert len(builds) == 1
     assert orpo["train/steps"] == dpo["train/steps"] == 2
+    assert orpo["time/student/trunk_s"] > 0 and dpo["time/student/reference_s"] > 0
+    assert "time/student/reference_s" not in orpo  # ORPO has no reference model
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "dpo" / "student" / "adapter" / "adapter_model.safetensors")

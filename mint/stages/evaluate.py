@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,9 @@ def evaluate_split(
         ]
         metrics[f"rag/{split}/truth_retrieved"] = float(np.mean(truth_retrieved))
     tokenizer = kind.tokenizer(processor)
+    started = time.time()
     answers = student_answers(job, kind, model, processor, prompts, [s.image for s in samples], task.labels)
+    metrics[f"time/{split}/generate_s"] = time.time() - started
     ranked = teacher.ranked_indices(split)[indices]
     answer_scores, records = answer_metrics(
         answers,
@@ -216,8 +219,10 @@ def evaluate_split(
     metrics |= answer_scores
     # Closed-set ranking on the test split only: on val, generation metrics are what search needs.
     if split == "test":
+        started = time.time()
         candidates = label_candidates(tokenizer, task.labels, job.answer)
         scores = closed_set_scores(job, kind, model, processor, prompts, samples, candidates)
+        metrics["time/test/rank_s"] = time.time() - started  # a ranking trunk's build included
         metrics |= closed_set_metrics(
             scores, [s.label for s in samples], job.answer.n, n_boot=job.n_boot, seed=job.seed
         )

@@ -285,10 +285,12 @@ def fit_student(
     train_pairs, train_report = kind.encode(processor, rows.train, job.lengths)
     val_pairs, val_report = kind.encode(processor, rows.val, job.lengths)
     collator = kind.collator(processor, settings.packed)
+    timings: dict[str, float] = {}  # where the stage's time went: time/student/<part>_s
     if job.student.train_top_layers is not None and trains:
         # The frozen layers run once per row (train and val), here and cached; training runs the top
         # layers only, on those states (mint/optim/trunk.py).
         everything = [*train_pairs, *val_pairs]
+        trunk_started = time.time()
         trunk = cached_trunk(
             model,
             everything,
@@ -301,7 +303,9 @@ def fit_student(
         items = with_trunk_rows(everything)
         train_pairs, val_pairs = items[: len(train_pairs)], items[len(train_pairs) :]
         collator = TrunkCollator(collator, trunk)
+        timings["time/student/trunk_s"] = time.time() - trunk_started  # built, or read from the cache
     if settings.method is Method.dpo:
+        reference_started = time.time()
         reference = dict(
             batch_size=settings.eval_batch_size,
             forward=kind.sides_forward,
@@ -310,6 +314,7 @@ def fit_student(
         )
         train_pairs = reference_logps(model, train_pairs, collator, **reference)
         val_pairs = reference_logps(model, val_pairs, collator, **reference)
+        timings["time/student/reference_s"] = time.time() - reference_started
 
     module = PreferenceModule(
         model,
@@ -348,6 +353,7 @@ def fit_student(
         metrics["data/dropped_pairs"] = train_report.dropped + (val_report.dropped if val_report else 0)
         metrics["data/truncated_pairs"] = train_report.prompt_truncated + train_report.answer_truncated
     if trains:
+        fit_started = time.time()
         trainer.fit(
             module,
             train_dataloaders=train_loader,
@@ -356,6 +362,7 @@ def fit_student(
             weights_only=True,  # a checkpoint is data: never run code from its pickle
         )
         metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+        metrics["time/student/fit_s"] = time.time() - fit_started  # validation passes included
         metrics["train/steps"] = trainer.global_step
         metrics["train/processes"] = trainer.world_size  # > 1 under DDP/FSDP (each saw its share)
         full_state = gathered_state_dict(trainer)  # all processes take part in the gather
@@ -369,6 +376,7 @@ def fit_student(
     elif val_loader is not None:
         for result in trainer.validate(module, dataloaders=val_loader, verbose=False):
             metrics.update(result)
+    metrics |= timings
     metrics["time/student_s"] = time.time() - started
     if trainer.is_global_zero:
         write_metrics(stage_dir / "metrics.json", metrics)
