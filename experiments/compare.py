@@ -19,7 +19,8 @@ What it does:
    descriptions or pretraining), a reference line beside the multimodal teacher;
 4. reads every run's results.json and writes into the output folder:
    comparison.md, comparison.csv (per method; with the minutes one run takes, from each run's
-   `time/run_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed),
+   `time/run_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed,
+   with where a run's time went: trunk_min, reference_min, fit_min, generate_min, rank_min),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
    comparison_paired.csv (orpo minus each method on the same test cases, paired bootstrap CI),
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
@@ -46,7 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,8 @@ class RunResult:
     # The run's own wall time (results.json `time/run_s`); None for a teacher row read out of a
     # student run (its time is that run's) and for runs made before the time was recorded.
     minutes: float | None = None
+    # Where a student run's time went (STAGE_TIMES' columns), as far as its results.json says.
+    stage_minutes: dict[str, float] = field(default_factory=dict)
 
 
 # --- running -------------------------------------------------------------------------
@@ -213,6 +216,20 @@ def _minutes(results: dict) -> float | None:
     return None if seconds is None else float(seconds) / 60
 
 
+# comparison_runs.csv's columns on where a run's time went -> the results.json keys they come from
+STAGE_TIMES = {
+    "trunk_min": "time/student/trunk_s",  # the frozen trunk's states: built, or read from the cache
+    "reference_min": "time/student/reference_s",  # DPO's reference log-probs
+    "fit_min": "time/student/fit_s",  # training, its validation passes included
+    "generate_min": "time/test/generate_s",
+    "rank_min": "time/test/rank_s",
+}
+
+
+def _stage_minutes(results: dict) -> dict[str, float]:
+    return {column: float(results[key]) / 60 for column, key in STAGE_TIMES.items() if key in results}
+
+
 def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = False) -> list[RunResult]:
     """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed.
     A run without results.json stops it, unless `skip_unfinished` (a report on a comparison still
@@ -242,7 +259,17 @@ def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = F
     for folder, config, results in methods:
         seed = int(config.seed)
         values = _values(results, "test/", METRICS)
-        runs.append(RunResult(str(config.optim.method), "student", seed, values, folder, _minutes(results)))
+        runs.append(
+            RunResult(
+                str(config.optim.method),
+                "student",
+                seed,
+                values,
+                folder,
+                _minutes(results),
+                _stage_minutes(results),
+            )
+        )
         teacher = RunResult(
             MULTIMODAL_TEACHER, "reference", seed, _values(results, "teacher/test/", ("top1", "topk")), folder
         )
@@ -266,6 +293,7 @@ def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = F
                 _values(results, "test/", METRICS),
                 folder,
                 _minutes(results),
+                _stage_minutes(results),
             )
         )
     if unimodal_name is not None:
@@ -316,11 +344,12 @@ def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
 
 # The leading columns of comparison.csv and comparison_runs.csv; the metrics follow.
 SUMMARY_COLUMNS = ["method", "kind", "n_seeds", "minutes_mean"]
-RUN_COLUMNS = ["method", "kind", "seed", "minutes"]
+RUN_COLUMNS = ["method", "kind", "seed", "minutes", *STAGE_TIMES]
 
 
 def _run_row(run: RunResult) -> dict:
-    return {"method": run.method, "kind": run.kind, "seed": run.seed, "minutes": run.minutes} | run.values
+    row = {"method": run.method, "kind": run.kind, "seed": run.seed, "minutes": run.minutes}
+    return row | run.stage_minutes | run.values
 
 
 def _columns(rows: list[dict], base: list[str]) -> list[str]:

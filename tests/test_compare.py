@@ -112,6 +112,12 @@ def check_report(
 
     per_run = read_csv(out_dir / "comparison_runs.csv")
     assert len(per_run) == (len(methods) + 2) * len(seeds)
+    for row in per_run:  # where a student run's time went, from its results.json
+        if row["method"] in methods:
+            ran = results(runs_dir / "methods" / f"{row['method']}_seed{row['seed']}")
+            for column in ("generate_min", "rank_min"):
+                seconds = ran[compare.STAGE_TIMES[column]]
+                assert seconds > 0 and float(row[column]) == pytest.approx(seconds / 60, abs=1e-6)
     table = (out_dir / "comparison.md").read_text()
     for name in rows:
         assert f"| {name} | {seeds[0]} |" in table  # one per-seed line per method and seed
