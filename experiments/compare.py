@@ -375,6 +375,31 @@ def _duration(minutes: float) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
+def _row_of(folder: str | Path) -> tuple[str, str]:
+    """(`methods`, `dpo`) for methods/dpo_seed3: what runs of one row across seeds share."""
+    path = Path(folder)
+    return path.parent.name, path.name.rsplit("seed", 1)[0].rstrip("_")
+
+
+def time_to_go(pending: list[str], runs: list[RunResult]) -> str:
+    """An estimate of the time the pending runs will take: each at the mean minutes of the finished
+    runs of its row (a row's first run on a new seed also builds that seed's caches, so it is rough)."""
+    finished: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        if run.minutes is not None:
+            finished.setdefault(_row_of(run.folder), []).append(run.minutes)
+    known = [float(np.mean(finished[_row_of(p)])) for p in pending if _row_of(p) in finished]
+    if not known:
+        return "No finished run of their rows to estimate their time from."
+    unknown = len(pending) - len(known)
+    text = f"At the mean time of the finished runs of each row, about {_duration(sum(known))} to go"
+    return text + (
+        f" for {len(known)} of them ({unknown} not estimated: no finished run of their row)."
+        if unknown
+        else "."
+    )
+
+
 def markdown(
     task: str, summary: list[dict], runs: list[RunResult], command: str, pending: list[str] = ()
 ) -> str:
@@ -386,7 +411,10 @@ def markdown(
         "",
     ]
     if pending:  # --report-only on a comparison in progress
-        lines += [f"**In progress**: {len(pending)} runs not finished yet ({', '.join(pending)}).", ""]
+        lines += [
+            f"**In progress**: {len(pending)} runs not finished yet ({', '.join(pending)}). {time_to_go(pending, runs)}",
+            "",
+        ]
     lines += [
         "Each cell: mean over seeds ± sample std over seeds [min-max over seeds]. Teacher rows are",
         "reference lines (the teacher sees more than the student). Per-seed values with each run's",

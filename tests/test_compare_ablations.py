@@ -98,6 +98,8 @@ def test_report_only_tables_the_finished_runs_of_a_comparison_in_progress(tmp_pa
     assert float(rows["sft"]["minutes_mean"]) == 1.5
     table = (tmp_path / "comparison.md").read_text()
     assert "3 runs not finished yet (methods/orpo_seed1, methods/sft_seed2, methods/orpo_seed2)" in table
+    # sft_seed2 at sft_seed1's 1.5 min; no orpo run has finished to time the other two by
+    assert "about 1.5 min to go for 1 of them (2 not estimated: no finished run of their row)" in table
     assert not (tmp_path / "sweep.json").exists()  # what a comparison ran is written by its own run
     with pytest.raises(SystemExit, match="no comparison in"):
         compare.main([*args, "--out", str(tmp_path / "elsewhere"), "--report-only"])
