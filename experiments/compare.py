@@ -311,6 +311,16 @@ def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = F
     return runs
 
 
+def started_unfinished(runs_dir: Path) -> list[str]:
+    """The run folders under `runs_dir` (relative, e.g. methods/dpo_seed3) without a results.json."""
+    return [
+        str(folder.relative_to(runs_dir))
+        for group in ("methods", "ablations", "unimodal_teacher")
+        for folder in sorted((runs_dir / group).glob("*"))
+        if folder.is_dir() and not (folder / "results.json").is_file()
+    ]
+
+
 # --- aggregating -----------------------------------------------------------------------
 def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
     """One row per method (in `order`): n_seeds and, per metric, mean/std/min/max over seeds and
@@ -731,11 +741,14 @@ def main(argv: list[str] | None = None) -> Path:
         wandb_mode=args.wandb,
         ablations=args.ablations,
     )
-    pending = [str(job.folder.relative_to(runs_dir)) for job in jobs if not job.finished]
     if not args.report_only:
-        run_jobs(jobs, args.wandb, args.resume)
-        pending = []
-    runs = collect(runs_dir, unimodal_name, skip_unfinished=args.report_only)
+        run_jobs(jobs, args.wandb, args.resume)  # raises unless every job of this command finished
+    # Not finished: this command's jobs (--report-only), and runs of the same comparison that
+    # another command (other seeds or methods, run in parts) started and did not finish: the
+    # report names them instead of failing after hours of work.
+    pending = [str(job.folder.relative_to(runs_dir)) for job in jobs if not job.finished]
+    pending += [p for p in started_unfinished(runs_dir) if p not in pending]
+    runs = collect(runs_dir, unimodal_name, skip_unfinished=True)
     order = (
         args.methods
         + [ABLATIONS[slug].row for slug in args.ablations]

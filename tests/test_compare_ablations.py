@@ -105,6 +105,31 @@ def test_report_only_tables_the_finished_runs_of_a_comparison_in_progress(tmp_pa
         compare.main([*args, "--out", str(tmp_path / "elsewhere"), "--report-only"])
 
 
+def test_a_comparison_run_in_parts_reports_despite_another_parts_unfinished_run(tmp_path, monkeypatch):
+    """Seed 1's command finishes while seed 3's DPO, started by another command, was stopped
+    mid-way: the report tables seed 1 and names that run as unfinished instead of failing."""
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "methods" / "dpo_seed3" / ".hydra").mkdir(parents=True)  # started, no results.json
+
+    def run_jobs(jobs, *args):  # each job as a finished run of its method and seed
+        for job in jobs:
+            method, seed = job.folder.name.rsplit("_seed", 1)
+            (job.folder / ".hydra").mkdir(parents=True)
+            OmegaConf.save(
+                {"seed": int(seed), "optim": {"method": method}}, job.folder / ".hydra" / "config.yaml"
+            )
+            results = {"test/top1": 0.5, "teacher/test/top1": 0.7, "time/run_s": 60.0}
+            (job.folder / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(compare, "run_jobs", run_jobs)
+    args = ["task=rare_disease", "--seeds", "1", "--methods", "sft", "--no-unimodal-teacher"]
+    compare.main([*args, "--out", str(tmp_path), "--resume", "--wandb", "disabled"])
+
+    rows = {row["method"]: row for row in read_csv(tmp_path / "comparison.csv")}
+    assert float(rows["sft"]["top1_mean"]) == 0.5
+    assert "1 runs not finished yet (methods/dpo_seed3)" in (tmp_path / "comparison.md").read_text()
+
+
 def test_ablation_rows_are_collected_under_their_names(tmp_path):
     runs_dir = tmp_path / "runs"
     for folder, seed, top1 in (("methods/sft_seed1", 1, 0.5), ("ablations/sft_truth_seed1", 1, 0.25)):
