@@ -230,19 +230,23 @@ def _stage_minutes(results: dict) -> dict[str, float]:
     return {column: float(results[key]) / 60 for column, key in STAGE_TIMES.items() if key in results}
 
 
-def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = False) -> list[RunResult]:
-    """Every run of the sweeps under `runs_dir`: one row per student run, plus teacher rows per seed.
-    A run without results.json stops it, unless `skip_unfinished` (a report on a comparison still
-    in progress: `--report-only`)."""
+def _row_of(folder: str | Path) -> tuple[str, str]:
+    """(`methods`, `dpo`) for methods/dpo_seed3: what runs of one row across seeds share."""
+    path = Path(folder)
+    return path.parent.name, path.name.rsplit("seed", 1)[0].rstrip("_")
+
+
+def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
+    """Every finished run of the sweeps under `runs_dir`: one row per student run, plus teacher rows
+    per seed. Runs without results.json are left out here; `started_unfinished` names them, and the
+    report says so."""
 
     def finished(folders: list[Path]) -> list[tuple[Path, DictConfig, dict]]:
         out = []
         for folder in folders:
             results_file = folder / "results.json"
             if not results_file.is_file():
-                if skip_unfinished:
-                    continue
-                raise FileNotFoundError(f"{results_file} is missing: that run did not finish")
+                continue
             config = OmegaConf.load(folder / ".hydra" / "config.yaml")
             out.append((folder, config, json.loads(results_file.read_text())))
         return out
@@ -281,13 +285,12 @@ def collect(runs_dir: Path, unimodal_name: str | None, skip_unfinished: bool = F
     runs += [teachers[s] for s in sorted(teachers)]
     ablations = subfolders("ablations")
     for folder in ablations:  # unfinished ones too: a misnamed folder is an error either way
-        if folder.name.rsplit("_seed", 1)[0] not in ABLATIONS:
+        if _row_of(folder)[1] not in ABLATIONS:
             raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
     for folder, config, results in finished(ablations):
-        slug = folder.name.rsplit("_seed", 1)[0]
         runs.append(
             RunResult(
-                ABLATIONS[slug].row,
+                ABLATIONS[_row_of(folder)[1]].row,
                 "student",
                 int(config.seed),
                 _values(results, "test/", METRICS),
@@ -383,12 +386,6 @@ def write_csv(path: Path, rows: list[dict], base: list[str]) -> None:
 
 def _duration(minutes: float) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
-
-
-def _row_of(folder: str | Path) -> tuple[str, str]:
-    """(`methods`, `dpo`) for methods/dpo_seed3: what runs of one row across seeds share."""
-    path = Path(folder)
-    return path.parent.name, path.name.rsplit("seed", 1)[0].rstrip("_")
 
 
 def time_to_go(pending: list[str], runs: list[RunResult]) -> str:
@@ -748,7 +745,7 @@ def main(argv: list[str] | None = None) -> Path:
     # report names them instead of failing after hours of work.
     pending = [str(job.folder.relative_to(runs_dir)) for job in jobs if not job.finished]
     pending += [p for p in started_unfinished(runs_dir) if p not in pending]
-    runs = collect(runs_dir, unimodal_name, skip_unfinished=True)
+    runs = collect(runs_dir, unimodal_name)
     order = (
         args.methods
         + [ABLATIONS[slug].row for slug in args.ablations]

@@ -151,12 +151,11 @@ def test_the_report_is_made_of_the_runs_results_and_is_deterministic(make_cfg, t
         assert (again / name).read_text() == (tmp_path / "sweep" / name).read_text()
 
 
-def test_an_unfinished_run_is_named_not_skipped(tmp_path):
+def test_an_unfinished_run_is_named_not_counted(tmp_path):
     (tmp_path / "methods" / "orpo_seed1").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="orpo_seed1/results.json is missing"):
-        compare.collect(tmp_path, None)
-    (tmp_path / "methods" / "orpo_seed1").rmdir()
-    with pytest.raises(FileNotFoundError, match="no runs under"):
+    (tmp_path / "ablations" / "orpo_unimodal_seed2").mkdir(parents=True)
+    assert compare.started_unfinished(tmp_path) == ["methods/orpo_seed1", "ablations/orpo_unimodal_seed2"]
+    with pytest.raises(FileNotFoundError, match="no runs under .*methods \\(finished ones\\)"):
         compare.collect(tmp_path, None)
 
 

@@ -151,7 +151,7 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
     (path / "results.json").write_text(json.dumps({"test/top1": 0.5}))
     (tmp_path / "runs" / "ablations" / "sft_truht_seed1").mkdir(parents=True)  # no results yet
     with pytest.raises(ValueError, match="sft_truht_seed1: not an ablation of this script"):
-        compare.collect(tmp_path / "runs", None, skip_unfinished=True)
+        compare.collect(tmp_path / "runs", None)
 
 
 @pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth"])
