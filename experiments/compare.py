@@ -324,6 +324,21 @@ def started_unfinished(runs_dir: Path) -> list[str]:
     ]
 
 
+def row_order(
+    runs: list[RunResult], methods: list[str], ablations: list[str], unimodal_name: str | None
+) -> list[str]:
+    """The report's rows, in the script's order (METHODS, ABLATIONS, then the teachers): the methods and
+    ablations this command asked for, and those that other commands of the same comparison (run in
+    parts: other seeds or methods) finished, so that every part's report tables the whole comparison."""
+    present = {run.method for run in runs}
+    return (
+        [m for m in METHODS if m in methods or m in present]
+        + [a.row for slug, a in ABLATIONS.items() if slug in ablations or a.row in present]
+        + [MULTIMODAL_TEACHER]
+        + ([unimodal_name] if unimodal_name else [])
+    )
+
+
 # --- aggregating -----------------------------------------------------------------------
 def summarize(runs: list[RunResult], order: list[str]) -> list[dict]:
     """One row per method (in `order`): n_seeds and, per metric, mean/std/min/max over seeds and
@@ -746,12 +761,7 @@ def main(argv: list[str] | None = None) -> Path:
     pending = [str(job.folder.relative_to(runs_dir)) for job in jobs if not job.finished]
     pending += [p for p in started_unfinished(runs_dir) if p not in pending]
     runs = collect(runs_dir, unimodal_name)
-    order = (
-        args.methods
-        + [ABLATIONS[slug].row for slug in args.ablations]
-        + [MULTIMODAL_TEACHER]
-        + ([unimodal_name] if unimodal_name else [])
-    )
+    order = row_order(runs, args.methods, args.ablations, unimodal_name)
     shown_command = "python experiments/compare.py " + shlex.join(
         [*args.overrides, "--seeds", *map(str, args.seeds), "--methods", *args.methods]
         + (["--ablations", *args.ablations] if args.ablations else [])

@@ -106,27 +106,35 @@ def test_report_only_tables_the_finished_runs_of_a_comparison_in_progress(tmp_pa
 
 
 def test_a_comparison_run_in_parts_reports_despite_another_parts_unfinished_run(tmp_path, monkeypatch):
-    """Seed 1's command finishes while seed 3's DPO, started by another command, was stopped
-    mid-way: the report tables seed 1 and names that run as unfinished instead of failing."""
+    """Seed 1's SFT command finishes while seed 3's DPO, started by another command, was stopped
+    mid-way, and other commands finished `none` and an ablation: the report tables every finished
+    row in the script's order and names the stopped run as unfinished, instead of failing."""
     runs_dir = tmp_path / "runs"
     (runs_dir / "methods" / "dpo_seed3" / ".hydra").mkdir(parents=True)  # started, no results.json
+
+    def finish(folder: Path, method: str, seed: int, top1: float) -> None:
+        (folder / ".hydra").mkdir(parents=True)
+        OmegaConf.save({"seed": seed, "optim": {"method": method}}, folder / ".hydra" / "config.yaml")
+        results = {"test/top1": top1, "teacher/test/top1": 0.7, "time/run_s": 60.0}
+        (folder / "results.json").write_text(json.dumps(results))
+
+    finish(runs_dir / "methods" / "orpo_seed1", "orpo", 1, 0.25)  # by other commands
+    finish(runs_dir / "methods" / "none_seed1", "none", 1, 0.125)
+    finish(runs_dir / "ablations" / "dpo_rpo_seed1", "dpo", 1, 0.375)
 
     def run_jobs(jobs, *args):  # each job as a finished run of its method and seed
         for job in jobs:
             method, seed = job.folder.name.rsplit("_seed", 1)
-            (job.folder / ".hydra").mkdir(parents=True)
-            OmegaConf.save(
-                {"seed": int(seed), "optim": {"method": method}}, job.folder / ".hydra" / "config.yaml"
-            )
-            results = {"test/top1": 0.5, "teacher/test/top1": 0.7, "time/run_s": 60.0}
-            (job.folder / "results.json").write_text(json.dumps(results))
+            finish(job.folder, method, int(seed), 0.5)
 
     monkeypatch.setattr(compare, "run_jobs", run_jobs)
     args = ["task=rare_disease", "--seeds", "1", "--methods", "sft", "--no-unimodal-teacher"]
     compare.main([*args, "--out", str(tmp_path), "--resume", "--wandb", "disabled"])
 
     rows = {row["method"]: row for row in read_csv(tmp_path / "comparison.csv")}
-    assert float(rows["sft"]["top1_mean"]) == 0.5
+    rpo = compare.ABLATIONS["dpo_rpo"].row
+    assert list(rows) == ["none", "sft", "orpo", rpo, compare.MULTIMODAL_TEACHER]
+    assert [float(rows[m]["top1_mean"]) for m in ("none", "sft", "orpo", rpo)] == [0.125, 0.5, 0.25, 0.375]
     assert "1 runs not finished yet (methods/dpo_seed3)" in (tmp_path / "comparison.md").read_text()
 
 
