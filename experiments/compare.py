@@ -588,7 +588,8 @@ def paired_differences(
     The per-run CIs of the tables answer "how sure is this run's top-1"; two methods scored on
     the same cases are compared more sharply by their paired difference (their errors on hard
     cases move together). Per row: the mean over shared seeds of the per-seed mean difference, its
-    95% paired bootstrap CI (cases resampled within each seed, the same draw for both methods),
+    95% paired bootstrap CI (cases resampled within each seed, the same draw for both methods
+    and for every row),
     and on how many seeds the reference was ahead. Runs without eval/predictions.jsonl are left
     out; rows with no shared seed too. Rows follow `order` (the tables' order) where given."""
 
@@ -603,7 +604,6 @@ def paired_differences(
 
     our_folders = by_seed(reference)
     ours = {s: _per_case(folder, metric) for s, folder in our_folders.items()}  # read once
-    rng = np.random.default_rng(seed)
     rows = []
     students = dict.fromkeys(r.method for r in runs if r.kind == "student" and r.method != reference)
     others = [m for m in order if m in students] if order is not None else list(students)
@@ -621,7 +621,13 @@ def paired_differences(
                 )
             diffs.append(np.array([a[case] - b[case] for case in sorted(a)]))
         means = np.array([d.mean() for d in diffs])
-        boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1) for d in diffs], axis=0)
+        # One fixed draw of cases per seed, whatever the row: a row's CI does not depend on which
+        # other rows the table holds (a shared stream would move it when a run is added).
+        draws = [
+            np.random.default_rng([seed, s]).integers(0, len(d), (n_boot, len(d)))
+            for s, d in zip(seeds, diffs)
+        ]
+        boot = np.mean([d[draw].mean(axis=1) for d, draw in zip(diffs, draws)], axis=0)
         rows.append(
             {
                 "reference": reference,

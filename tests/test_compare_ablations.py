@@ -8,6 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -229,3 +230,16 @@ def test_orpo_is_compared_with_each_method_case_by_case(tmp_path):
     )
     with pytest.raises(ValueError, match="different test cases"):
         compare.paired_differences(compare.collect(runs_dir, None))
+
+
+def test_a_rows_paired_ci_does_not_depend_on_the_other_rows(tmp_path):
+    """Adding a run of another method (a later part of the comparison) leaves each row's CI as it was."""
+    runs_dir = tmp_path / "runs"
+    rng = np.random.default_rng(3)
+    for method in ("orpo", "sft", "dpo"):
+        for seed in (1, 2):
+            _run_with_predictions(runs_dir, method, seed, list(rng.integers(0, 2, 60)))
+    runs = compare.collect(runs_dir, None)
+    rows = compare.paired_differences(runs, n_boot=500)
+    assert [row["method"] for row in rows] == ["dpo", "sft"]  # dpo's draws come first
+    assert compare.paired_differences([r for r in runs if r.method != "dpo"], n_boot=500) == rows[1:]
