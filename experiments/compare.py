@@ -625,9 +625,9 @@ def paired_differences(
         # other rows the table holds (a shared stream would move it when a run is added).
         draws = [
             np.random.default_rng([seed, s]).integers(0, len(d), (n_boot, len(d)))
-            for s, d in zip(seeds, diffs)
+            for s, d in zip(seeds, diffs, strict=True)
         ]
-        boot = np.mean([d[draw].mean(axis=1) for d, draw in zip(diffs, draws)], axis=0)
+        boot = np.mean([d[draw].mean(axis=1) for d, draw in zip(diffs, draws, strict=True)], axis=0)
         rows.append(
             {
                 "reference": reference,
