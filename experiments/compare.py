@@ -13,7 +13,8 @@ What it does:
    runs are grouped: group = the comparison's name, job_type = method;
 2. with `--ablations`, the transfer ablations as extra student rows (ABLATIONS, runs/ablations/):
    ORPO on pairs ranked by the unimodal teacher, SFT on the true label alone, ORPO with the
-   truth forced into `chosen`, and DPO with an NLL term (rpo_alpha);
+   truth forced into `chosen`, and DPO with an NLL term (rpo_alpha) from the SFT start (the
+   paper's DPO start) and from the base (ORPO's start: the same number of steps);
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
@@ -96,6 +97,11 @@ ABLATIONS = {
     "orpo_truth": Ablation("orpo, truth forced into chosen", "orpo", ("task.prefs.force_truth=true",)),
     # DPO with an NLL term on the chosen answer (RPO): the paper's DPO collapsed on tissue.
     "dpo_rpo": Ablation("dpo + NLL (rpo_alpha=1)", "dpo", ("optim.rpo_alpha=1.0",)),
+    # The same from the base model, as ORPO starts: dpo_rpo's steps come on top of its SFT
+    # start's, so only this row compares the two losses at the same number of steps.
+    "dpo_rpo_base": Ablation(
+        "dpo + NLL from the base (no SFT start)", "dpo", ("optim.rpo_alpha=1.0", "optim.init_from_sft=false")
+    ),
 }
 
 

@@ -49,10 +49,15 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert {"optim=sft", "task.prefs.ranking=truth"} <= by_folder["ablations/sft_truth_seed1"]
     assert {"optim=orpo", "task.prefs.force_truth=true"} <= by_folder["ablations/orpo_truth_seed1"]
     assert {"optim=dpo", "optim.rpo_alpha=1.0"} <= by_folder["ablations/dpo_rpo_seed2"]
+    assert "optim.init_from_sft=false" not in by_folder["ablations/dpo_rpo_seed2"]
+    assert {"optim=dpo", "optim.rpo_alpha=1.0", "optim.init_from_sft=false"} <= by_folder[
+        "ablations/dpo_rpo_base_seed1"
+    ]
     assert not set(UNIMODAL) & by_folder["methods/orpo_seed1"]  # MINT itself: the multimodal teacher
     assert {"stage=teacher", *UNIMODAL} <= by_folder["unimodal_teacher/seed1"]
     # Seed by seed: a stopped comparison has whole seeds done.
-    assert [job.overrides[0] for job in made] == ["seed=1"] * 7 + ["seed=2"] * 7
+    per_seed = 2 + len(compare.ABLATIONS) + 1
+    assert [job.overrides[0] for job in made] == ["seed=1"] * per_seed + ["seed=2"] * per_seed
 
 
 def test_resume_skips_finished_runs_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
