@@ -14,7 +14,8 @@ What it does:
 2. with `--ablations`, the transfer ablations as extra student rows (ABLATIONS, runs/ablations/):
    ORPO on pairs ranked by the unimodal teacher, SFT on the true label alone, ORPO with the
    truth forced into `chosen`, and DPO with an NLL term (rpo_alpha) from the SFT start (the
-   paper's DPO start) and from the base (ORPO's start: the same number of steps);
+   paper's DPO start) and from the base (ORPO's start: the same number of steps), and ORPO at
+   twice the comparison's steps (the budget of DPO + NLL with its SFT start);
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
@@ -84,6 +85,7 @@ class Ablation:
     method: str
     overrides: tuple[str, ...] = ()
     unimodal_teacher: bool = False  # pairs ranked by the task's UNIMODAL_TEACHER instead
+    steps_factor: int = 1  # trains this many times the comparison's trainer.max_steps
 
 
 # --ablations: folder slug -> what it runs (issue 15's transfer ablations and the DPO variant).
@@ -102,6 +104,8 @@ ABLATIONS = {
     "dpo_rpo_base": Ablation(
         "dpo + NLL from the base (no SFT start)", "dpo", ("optim.rpo_alpha=1.0", "optim.init_from_sft=false")
     ),
+    # ORPO given dpo_rpo's budget: its SFT start's steps plus its own.
+    "orpo_2x": Ablation("orpo, twice the steps (dpo_rpo's budget)", "orpo", steps_factor=2),
 }
 
 
@@ -154,11 +158,13 @@ def comparison_jobs(
     unimodal: list[str] | None,
     wandb_mode: str,
     ablations: list[str] = (),
+    max_steps: int | None = None,
 ) -> list[Job]:
     """Every run, seed by seed (a stopped comparison has whole seeds done): the methods in
     runs_dir/methods/<method>_seed<S>, the ablations in runs_dir/ablations/<slug>_seed<S>, the
     unimodal teacher (stage=teacher) in runs_dir/unimodal_teacher/seed<S>. Within a seed the
-    stage cache trains one teacher and builds one preference set for all of them."""
+    stage cache trains one teacher and builds one preference set for all of them. `max_steps`
+    (the comparison's trainer.max_steps) is needed by ablations with a steps_factor."""
     # W&B runs grouped by comparison (job_type is the method: conf/logger/wandb.yaml), unless
     # the caller picked another logger or switched W&B off.
     chosen = [o for o in overrides if o.startswith("logger=")]
@@ -177,12 +183,20 @@ def comparison_jobs(
             if ablation.unimodal_teacher and unimodal is None:
                 raise SystemExit(f"ablation {slug} needs the task's unimodal teacher")
             teacher = unimodal if ablation.unimodal_teacher else []
+            steps = []
+            if ablation.steps_factor != 1:
+                if max_steps is None:
+                    raise ValueError(f"ablation {slug} needs the comparison's trainer.max_steps")
+                steps = [
+                    f"trainer.max_steps={ablation.steps_factor * max_steps}"
+                ]  # after the overrides: it wins
             folder = runs_dir / "ablations" / f"{slug}_seed{seed}"
             args = (
                 f"seed={seed}",
                 f"optim={ablation.method}",
                 *overrides,
                 *ablation.overrides,
+                *steps,
                 *teacher,
                 *wandb,
             )
@@ -191,6 +205,26 @@ def comparison_jobs(
             folder = runs_dir / "unimodal_teacher" / f"seed{seed}"
             jobs.append(Job(folder, (f"seed={seed}", "stage=teacher", *overrides, *unimodal)))
     return jobs
+
+
+def composed_max_steps(overrides: list[str]) -> int:
+    """trainer.max_steps of the config `python -m mint.run <overrides>` composes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mint.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    steps = cfg.trainer.get("max_steps")
+    if not isinstance(steps, int) or steps <= 0:
+        raise SystemExit(
+            f"an ablation with more steps needs a positive trainer.max_steps, the config has {steps}"
+        )
+    return steps
 
 
 def run_jobs(jobs: list[Job], wandb_mode: str, resume: bool) -> None:
@@ -754,6 +788,9 @@ def main(argv: list[str] | None = None) -> Path:
             raise SystemExit(f"no unimodal teacher known for task={task}: pass --no-unimodal-teacher")
         unimodal_name, unimodal = UNIMODAL_TEACHER[task]
 
+    max_steps = None
+    if any(ABLATIONS[slug].steps_factor != 1 for slug in args.ablations):
+        max_steps = composed_max_steps(args.overrides)
     started = time.time()
     jobs = comparison_jobs(
         overrides=args.overrides,
@@ -764,6 +801,7 @@ def main(argv: list[str] | None = None) -> Path:
         unimodal=unimodal,
         wandb_mode=args.wandb,
         ablations=args.ablations,
+        max_steps=max_steps,
     )
     if not args.report_only:
         run_jobs(jobs, args.wandb, args.resume)  # raises unless every job of this command finished

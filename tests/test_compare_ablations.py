@@ -38,6 +38,7 @@ def jobs(runs_dir: Path, ablations: list[str]) -> list:
         unimodal=UNIMODAL,
         wandb_mode="disabled",
         ablations=ablations,
+        max_steps=40,
     )
 
 
@@ -53,11 +54,31 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert {"optim=dpo", "optim.rpo_alpha=1.0", "optim.init_from_sft=false"} <= by_folder[
         "ablations/dpo_rpo_base_seed1"
     ]
+    orpo_2x = next(job.overrides for job in made if job.folder.name == "orpo_2x_seed1")
+    assert "optim=orpo" in orpo_2x and orpo_2x[-1] == "trainer.max_steps=80"  # last: Hydra's last value wins
+    assert not any(o.startswith("trainer.max_steps") for o in by_folder["methods/orpo_seed1"])
     assert not set(UNIMODAL) & by_folder["methods/orpo_seed1"]  # MINT itself: the multimodal teacher
     assert {"stage=teacher", *UNIMODAL} <= by_folder["unimodal_teacher/seed1"]
     # Seed by seed: a stopped comparison has whole seeds done.
     per_seed = 2 + len(compare.ABLATIONS) + 1
     assert [job.overrides[0] for job in made] == ["seed=1"] * per_seed + ["seed=2"] * per_seed
+
+
+def test_twice_the_steps_reads_the_comparisons_own_max_steps():
+    assert compare.composed_max_steps(["task=rare_disease"]) == 600
+    assert compare.composed_max_steps(["task=rare_disease", "debug=smoke"]) == 12
+    assert compare.composed_max_steps(["task=rare_disease", "trainer.max_steps=300"]) == 300
+    with pytest.raises(ValueError, match="orpo_2x"):
+        compare.comparison_jobs(
+            overrides=["task=rare_disease"],
+            seeds=[1],
+            methods=[],
+            name="cmp",
+            runs_dir=Path("x"),
+            unimodal=None,
+            wandb_mode="disabled",
+            ablations=["orpo_2x"],
+        )
 
 
 def test_resume_skips_finished_runs_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
