@@ -187,9 +187,8 @@ def comparison_jobs(
             if ablation.steps_factor != 1:
                 if max_steps is None:
                     raise ValueError(f"ablation {slug} needs the comparison's trainer.max_steps")
-                steps = [
-                    f"trainer.max_steps={ablation.steps_factor * max_steps}"
-                ]  # after the overrides: it wins
+                # Placed after the comparison's overrides: Hydra keeps a key's last value.
+                steps = [f"trainer.max_steps={ablation.steps_factor * max_steps}"]
             folder = runs_dir / "ablations" / f"{slug}_seed{seed}"
             args = (
                 f"seed={seed}",
