@@ -208,17 +208,9 @@ def comparison_jobs(
 
 def composed_max_steps(overrides: list[str]) -> int:
     """trainer.max_steps of the config `python -m mint.run <overrides>` composes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from mint.cli import compose_config
 
-    from mint.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    steps = cfg.trainer.get("max_steps")
+    steps = compose_config(overrides).trainer.get("max_steps")
     if not isinstance(steps, int) or steps <= 0:
         raise SystemExit(
             f"an ablation with more steps needs a positive trainer.max_steps, the config has {steps}"

@@ -752,18 +752,14 @@ def step_flex_packed(args: argparse.Namespace) -> dict:
 
 def step_compose(args: argparse.Namespace) -> dict:
     """Compose a job's config as `python -m mint.run` would and run its start-up checks."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from mint.config import check_config, register_configs
+    from mint.cli import compose_config
+    from mint.config import check_config
 
     overrides = json.loads(args.overrides)
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(args.json.parent / "composed")

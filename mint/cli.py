@@ -56,6 +56,21 @@ KEYS = (
 )
 
 
+def compose_config(overrides: list[str], *, return_hydra_config: bool = False):
+    """The config `python -m mint.run <overrides>` composes, for scripts outside a Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mint.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 def group_choices() -> dict[str, list[str]]:
     """Each config group's choices as the config tree has them, the typed schemas left out."""
     from hydra import initialize_config_dir
