@@ -27,7 +27,7 @@ from mint.stages.evaluate import eval_stage, val_ranking
 from mint.stages.prefs import custom_rows, prefs_stage
 from mint.stages.student import check_rows, fit_student, sft_start, share_sft_start, student_job
 from mint.stages.teacher import is_pipeline_task, load_task, teacher_stage
-from mint.stages.trainer import build_loggers, close_loggers, is_global_zero, log_final
+from mint.stages.trainer import build_loggers, close_loggers, in_a_multirun, is_global_zero, log_final
 from mint.student.kinds import student_kind
 
 log = logging.getLogger("mint")
@@ -142,7 +142,12 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(report(err))  # one line on the terminal, the traceback in the run's log (mint/errors.py)
+        status = report(err)  # one line on the terminal, the traceback in the run's log (mint/errors.py)
+        if in_a_multirun():
+            # The sweeper decides: Optuna marks the trial failed (max_failure_rate), the basic
+            # sweeper stops. A SystemExit would pass by both and end the sweep at once.
+            raise
+        sys.exit(status)
     if not is_global_zero():
         return None  # an extra DDP process: rank 0 reports
     # Hydra sweepers (e.g. hparams_search=orpo_optuna) optimise what main returns.

@@ -292,6 +292,29 @@ def test_an_optuna_study_in_sqlite_resumes_where_it_stopped(tmp_path, monkeypatc
 
 
 # --- launchers ---------------------------------------------------------------------------
+def test_a_failing_trial_is_marked_failed_and_the_optuna_sweep_goes_on(tmp_path, monkeypatch):
+    """A trial that fails (here the first; say a non-finite loss) is the sweeper's to count, not
+    the end of the sweep (conf/hparams_search/orpo_optuna.yaml). The runs are stubbed."""
+    import optuna
+
+    calls = []
+
+    def one_trial(cfg):
+        calls.append(cfg.student.learning_rate)
+        if len(calls) == 1:
+            raise FloatingPointError("the loss is nan at step 3")
+        return {"val/rewards/accuracies": 0.75}
+
+    monkeypatch.setattr("mint.run.run", one_trial)
+    sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
+    _optuna_session(tmp_path, monkeypatch, sweep, storage)
+    assert len(calls) == 2  # the second trial ran after the first failed
+    study = optuna.load_study(study_name="orpo-example", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == 0.75
+
+
 @pytest.mark.parametrize(
     ("launcher", "target"),
     [

@@ -233,13 +233,18 @@ def is_global_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+def in_a_multirun() -> bool:
+    """Whether this process runs a job of a Hydra sweep (`-m`)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def refuse_lightning_launch_in_a_sweep(trainer: L.Trainer) -> None:
     """Lightning's DDP launcher starts the extra processes by re-running this command: inside a
     local multirun (-m) each of them would re-run the whole sweep. SLURM (hydra/launcher=slurm)
     or torchrun start one process per device themselves, which is fine."""
     if trainer.world_size <= 1 or trainer.strategy.cluster_environment.creates_processes_externally:
         return
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_a_multirun():
         raise ValueError(
             f"trainer.devices={trainer.num_devices} inside a local multirun (-m): Lightning would start "
             "the extra processes by re-running the whole sweep. Run the jobs one by one without -m, "
