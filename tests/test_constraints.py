@@ -83,6 +83,8 @@ def test_the_task_eval_knob_reaches_decoding(make_cfg):
     cfg = make_cfg("task=rare_disease", "task.eval.no_repeated_names=false")
     assert not eval_job(cfg).decoding.no_repeated_names
     assert not eval_job(make_cfg("experiment=paper_tissue")).decoding.no_repeated_names
+    paper = eval_job(make_cfg("experiment=paper_rare_disease")).decoding
+    assert not paper.no_repeated_names and not paper.known_names_only  # open decoding, as the paper's
 
 
 def test_a_listed_name_that_opens_a_longer_label_leaves_the_longer_one_free():
