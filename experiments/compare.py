@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shlex
@@ -54,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+
+from mint.files import read_json, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "sft", "rag", "dpo", "orpo")
@@ -279,7 +282,7 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
             if not results_file.is_file():
                 continue
             config = OmegaConf.load(folder / ".hydra" / "config.yaml")
-            out.append((folder, config, json.loads(results_file.read_text())))
+            out.append((folder, config, read_json(results_file)))
         return out
 
     def subfolders(name: str) -> list[Path]:
@@ -423,11 +426,12 @@ def _columns(rows: list[dict], base: list[str]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict], base: list[str]) -> None:
     columns = _columns(rows, base)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_atomic(path, text.getvalue())  # a report stopped part-way leaves the last whole table
 
 
 def _duration(minutes: float) -> str:
@@ -555,8 +559,10 @@ def plot(path: Path, task: str, summary: list[dict], runs: list[RunResult]) -> N
     )
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 def log_wandb(
@@ -710,7 +716,7 @@ def write_report(
     else:  # no longer any pair to compare: no stale table from an earlier report
         (out_dir / "comparison_paired.csv").unlink(missing_ok=True)
     text = markdown(task, summary, runs, command, pending)
-    (out_dir / "comparison.md").write_text(text + "".join(line + "\n" for line in paired_markdown(paired)))
+    write_atomic(out_dir / "comparison.md", text + "".join(line + "\n" for line in paired_markdown(paired)))
     plot(out_dir / "comparison.png", task, summary, runs)
     return summary
 
@@ -811,7 +817,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.report_only:  # what ran stays recorded as the comparison's own run wrote it
         print((out_dir / "comparison.md").read_text())
         return out_dir
-    (out_dir / "sweep.json").write_text(
+    write_atomic(
+        out_dir / "sweep.json",
         json.dumps(
             {
                 "name": name,
@@ -825,7 +832,7 @@ def main(argv: list[str] | None = None) -> Path:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     log_wandb(out_dir, name, task, summary, runs, args.wandb, args.wandb_project)
     print((out_dir / "comparison.md").read_text())

@@ -177,7 +177,8 @@ class PipelineTaskConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    max_samples: int | None = bounded(None, ge=1)  # train the student on the first N preference pairs
+    # train the student on N preference pairs, spread over the classes
+    max_samples: int | None = bounded(None, ge=1)
     max_length: int = bounded(1024, ge=2)
     max_prompt_length: int = bounded(768, ge=1)  # < max_length
     prompt_truncation: PromptTruncation = PromptTruncation.keep_end

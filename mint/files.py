@@ -1,15 +1,18 @@
-"""File tools: atomic writes and builds, installed package folders, content hashes."""
+"""File tools: atomic writes and builds, JSON read with its file named, installed package folders,
+content hashes."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # How to install a package where `pip install <name>` is not the right way.
 _INSTALL = {
@@ -95,6 +98,14 @@ def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
             f"{path}: line {line}, column {err.start - line_start + 1}: not UTF-8 text "
             f"(byte 0x{data[err.start]:02x}); save the file as UTF-8"
         ) from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`; a broken file (cut short, edited by hand) is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rewrite or remove the file") from None
 
 
 def package_dir(package: str) -> Path:

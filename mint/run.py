@@ -38,12 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the configured stages and returns the flat results dict (also in results.json)."""
     started = time.time()
     check_config(cfg)  # every value in range before any work (mint/config.py)
-    kind = student_kind(  # before any work: can the student read what the task gives it?
-        task_name=cfg.task.name,
-        task_modality=cfg.task.get("student_modality", "text"),
-        student_name=cfg.student.name,
-        student_modality=cfg.student.modality,
-    )
+    kind = student_kind(cfg)  # before any work: can the student read what the task gives it?
     L.seed_everything(cfg.seed, workers=True)
     run_dir, stage, method = Path(cfg.paths.output_dir), Stage(cfg.stage), Method(cfg.optim.method)
     pipeline = is_pipeline_task(cfg.task)
@@ -95,11 +90,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finally:
             close_loggers(loggers)
 
-    objective_value(results, cfg.objective, stage)  # a missing objective fails before results.json exists
     # This process's wall time (a resumed run: since it resumed); the comparison reports it per method.
     results["time/run_s"] = round(time.time() - started, 1)
     flat = write_results(run_dir, results, title=f"MINT run {cfg.run_name}")
     log.info("results in %s\n%s", run_dir, markdown_table(headline(flat)))
+    # A misspelt objective fails here, naming the keys there are, with the run's work kept above.
+    objective_value(flat, cfg.objective, stage)
     return flat
 
 
@@ -112,6 +108,11 @@ def check_objective_will_exist(cfg: DictConfig) -> None:
         raise ValueError(
             f"objective={cfg.objective} is measured only with task.eval.on_val=true "
             "(the validation split answered and scored); add it, or pick another objective"
+        )
+    if cfg.objective.startswith("val/rank_") and not cfg.task.get("eval", {}).get("val_ranking", False):
+        raise ValueError(
+            f"objective={cfg.objective} is measured only with task.eval.val_ranking=true (the validation "
+            "split's labels ranked after each validation pass); add it, or pick another objective"
         )
     if not is_pipeline_task(cfg.task) and cfg.objective.startswith(("test/", "teacher/", "prefs/", "rag/")):
         raise ValueError(

@@ -98,7 +98,7 @@ def test_closed_set_ranking_finds_the_label_a_student_was_trained_to_say(tmp_pat
 def test_a_capped_evaluation_spreads_over_the_split_not_its_first_classes():
     """task.eval.max_samples on a split grouped by class (as the simulated ones are) still sees
     every class, and the same samples every time."""
-    from mint.stages.evaluate import spread_indices
+    from mint.data.task_data import spread_indices
 
     labels = [c for c in range(19) for _ in range(12)]  # 228 test images, 12 per tissue
     picked = spread_indices(len(labels), 80)

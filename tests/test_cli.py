@@ -243,6 +243,11 @@ def test_runs_table_gathers_runs_and_multiruns_with_their_distinguishing_overrid
     with pytest.raises(SystemExit) as stop:
         main(["runs", str(tmp_path / "empty")])
     assert stop.value.code == 2
+    (outputs / "runs" / "a" / "results.json").write_text('{"test/top1": 0.25,')  # cut short
+    with pytest.raises(SystemExit) as stop:
+        main(["runs", str(outputs)])
+    assert stop.value.code == 2
+    assert f"{outputs / 'runs' / 'a' / 'results.json'}: not valid JSON" in capsys.readouterr().err
 
 
 def test_export_dequantizes_a_4bit_base_before_merging(text_run, caplog):

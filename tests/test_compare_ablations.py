@@ -193,12 +193,7 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
     """At smoke size, through the real stages: the ablation's overrides change the rows."""
     cfg = make_cfg(*SMOKE, *compare.ABLATIONS[ablation].overrides)
-    kind = student_kind(
-        task_name=cfg.task.name,
-        task_modality=cfg.task.student_modality,
-        student_name=cfg.student.name,
-        student_modality=cfg.student.modality,
-    )
+    kind = student_kind(cfg)
     task = load_task(cfg.task)
     teacher, key = teacher_stage(cfg, task)
     rows, _ = prefs_stage(cfg, kind, task, teacher, key)

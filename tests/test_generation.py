@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mint.commands.trained import TrainedRun
 from mint.config import ConfigError
 from mint.data.example_prefs import make_example_prefs
 from mint.eval.constraints import NoRepeatedNames
@@ -85,6 +86,9 @@ def test_the_paper_choice_samples_with_the_papers_settings_per_task(make_cfg):
     assert [tissue[k] for k in keys] == [True, 0.7, 0.6, 10]
     assert eval_job(make_cfg("task=tissue")).decoding.generation["do_sample"] is False
     assert eval_job(make_cfg("experiment=paper_rare_disease")).decoding.generation["temperature"] == 0.8
+    # mint ask / mint export on a task=custom|example run (no task.eval) decode as its generation node
+    example = TrainedRun(Path("run"), make_cfg("task=example", "generation=paper", "seed=5"), None, None)
+    assert example.decoding().generation["temperature"] == 0.8 and example.decoding().seed == 5
     # A run folder from before the group kept its decoding in task.eval: ask/export still read it.
     old = OmegaConf.create(OmegaConf.to_container(make_cfg("task=rare_disease")))
     old.pop("generation")

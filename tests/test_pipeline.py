@@ -12,7 +12,11 @@ from PIL import Image
 import mint.stages.prefs
 import mint.stages.teacher
 from mint.data.tissue import TISSUES
+from mint.pairs.rows import read_preference_rows
 from mint.run import run
+from mint.stages.prefs import prefs_stage
+from mint.stages.teacher import load_task, teacher_stage
+from mint.student.kinds import student_kind
 
 
 @pytest.fixture
@@ -102,6 +106,21 @@ def test_preference_dataset_is_trl_conversational_and_loads_with_datasets(make_c
         assert len(rejected) == 10 and row["truth"] not in rejected  # the truth is never a negative
     assert "- pairs:" in (entries[0].parent / "README.md").read_text()
     assert not (tmp_path / "prefs" / "student").exists()  # stage=prefs stops before the student
+
+
+def test_a_capped_training_set_spreads_over_the_diseases(make_cfg):
+    """task.max_samples (debug=smoke: 48 pairs) takes pairs spread over the preference set, which
+    is grouped by disease: its first 48 would teach a handful of the diseases the test asks about."""
+    cfg = make_cfg("task=rare_disease", "debug=smoke")
+    task = load_task(cfg.task)
+    teacher, key = teacher_stage(cfg, task)
+    rows, _ = prefs_stage(cfg, student_kind(cfg), task, teacher, key)
+    every = read_preference_rows(rows.source / "prefs.jsonl")
+    assert len(rows.train) == cfg.task.max_samples < len(every)
+    diseases = {row["truth"] for row in every}
+    first = {row["truth"] for row in every[: cfg.task.max_samples]}
+    assert len(first) < len(diseases)  # the set is grouped by disease: the first N miss some
+    assert {row["truth"] for row in rows.train} == diseases
 
 
 def test_teacher_and_prefs_stages_need_a_pipeline_task(make_cfg, tmp_path):

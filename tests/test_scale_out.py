@@ -188,6 +188,20 @@ def test_a_validation_generation_objective_needs_on_val(make_cfg):
         check_objective_will_exist(make_cfg("task=rare_disease", "objective=val/topk"))
     check_objective_will_exist(make_cfg("task=rare_disease", "objective=val/topk", "task.eval.on_val=true"))
     check_objective_will_exist(make_cfg("task=example"))  # val/rewards/accuracies: always measured
+    with pytest.raises(ValueError, match="task.eval.val_ranking=true"):
+        check_objective_will_exist(make_cfg("task=rare_disease", "objective=val/rank_top1"))
+    check_objective_will_exist(
+        make_cfg("task=rare_disease", "objective=val/rank_top1", "task.eval.val_ranking=true")
+    )
+
+
+def test_a_misspelt_objective_fails_after_the_work_is_written(make_cfg):
+    """Only the run's own keys can tell a misspelt objective; the hours it trained are kept."""
+    cfg = make_cfg("task=example", "debug=smoke", "objective=val/rewards/accuracy")
+    with pytest.raises(KeyError, match=r"objective='val/rewards/accuracy'.*'val/rewards/accuracies'"):
+        run(cfg)
+    results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert 0.0 <= results["val/rewards/accuracies"] <= 1.0
 
 
 def test_objective_value_names_the_missing_key():

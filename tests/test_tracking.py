@@ -13,8 +13,8 @@ import torch
 import wandb
 
 from mint.data.example_prefs import make_example_prefs, write_jsonl
+from mint.data.task_data import spread_indices
 from mint.run import run
-from mint.stages.evaluate import spread_indices
 from mint.stages.teacher import load_task
 
 COLUMNS = ["id", "truth", "answer", "parsed", "truth_rank", "top1", "topk", "format_valid", "car"]

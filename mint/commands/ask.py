@@ -17,7 +17,7 @@ import numpy as np
 from mint.commands.trained import TrainedRun, load_trained, open_run
 from mint.config import Modality
 from mint.data.task_data import Sample
-from mint.eval.generate import DecodingSettings
+from mint.eval.generate import generate_answers
 from mint.eval.ranking import label_candidates
 from mint.prefs.formats import ParsedAnswer
 from mint.stages.evaluate import eval_job, label_scores, student_answers
@@ -74,8 +74,7 @@ def ask(run_dir: str | Path, value: str | None) -> tuple[TrainedRun, Answer]:
     if not run.is_pipeline:
         # task=custom|example: no prompt template, answer format or label set in the config.
         prompt = [{"role": "user", "content": sample.text}]
-        settings = DecodingSettings()
-        raw = _generate(run, model, processor, prompt, settings)
+        raw = generate_answers(model, run.kind.tokenizer(processor), [prompt], run.decoding())[0]
         return run, Answer(raw, None, [])
     job = eval_job(run.cfg)
     labels = load_task(run.cfg.task).labels
@@ -86,12 +85,6 @@ def ask(run_dir: str | Path, value: str | None) -> tuple[TrainedRun, Answer]:
     order = np.argsort(-scores, kind="stable")
     ranking = [(labels[i], float(scores[i])) for i in order]
     return run, Answer(raw, job.answer.parse(raw, labels), ranking)
-
-
-def _generate(run: TrainedRun, model, processor, prompt, settings: DecodingSettings) -> str:
-    from mint.eval.generate import generate_answers
-
-    return generate_answers(model, run.kind.tokenizer(processor), [prompt], settings)[0]
 
 
 def render(run: TrainedRun, answer: Answer, top: int | None) -> str:

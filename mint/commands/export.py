@@ -23,7 +23,6 @@ from mint.commands.trained import TrainedRun, load_trained, open_run
 from mint.config import Modality
 from mint.eval.generate import DecodingSettings, generation_config
 from mint.files import build_atomically
-from mint.stages.evaluate import eval_job
 from mint.student.load import attach_adapter
 
 log = logging.getLogger("mint")
@@ -42,7 +41,7 @@ def export(run_dir: str | Path, out: str | Path, *, replace: bool = False) -> Pa
         raise FileExistsError(f"{out} exists: choose another folder or pass --force to replace it")
     merged, processor = merged_student(run)
     tokenizer = run.kind.tokenizer(processor)
-    decoding = eval_job(run.cfg).decoding if run.is_pipeline else DecodingSettings()
+    decoding = run.decoding()
     # The merged model's own end ids are read before its generation config is replaced.
     merged.generation_config = generation_config(decoding, merged, tokenizer)
 

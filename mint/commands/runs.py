@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from mint.files import write_atomic
+from mint.files import read_json, write_atomic
 
 # The printed columns, in this order, when a run has them (mint.report.headline's keys).
 HEADLINE = (
@@ -73,7 +72,7 @@ def runs_table(root: str | Path, *, csv_path: str | Path | None = None, metrics:
     run_dirs = find_runs(root)
     if not run_dirs:
         raise FileNotFoundError(f"no results.json under {root}: no finished runs there")
-    results = [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    results = [read_json(d / "results.json") for d in run_dirs]
     args = [overrides(d) for d in run_dirs]
     keys = sorted({k for a in args for k in a if not k.startswith(IGNORED_OVERRIDES)})
     # The overrides that tell runs apart: a value that is not the same in every run (absent counts).

@@ -11,7 +11,6 @@ records as its base; that folder is a plain `save_pretrained` folder, read by th
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mint.config import register_configs
+from mint.eval.generate import DecodingSettings
+from mint.files import read_json
+from mint.stages.evaluate import eval_job, generation_node
 from mint.stages.student import student_spec
 from mint.student.kinds import StudentKind, StudentSpec, student_kind
 
@@ -55,9 +57,16 @@ class TrainedRun:
             return {}
         return {k: str(v) for k, v in OmegaConf.load(path).hydra.runtime.choices.items()}
 
+    def decoding(self) -> DecodingSettings:
+        """How the run's answers are generated: a pipeline task's evaluation settings; for
+        task=custom|example (no task.eval) the run's `generation` node alone."""
+        if self.is_pipeline:
+            return eval_job(self.cfg).decoding
+        return DecodingSettings(generation=generation_node(self.cfg), seed=int(self.cfg.seed))
+
     def results(self) -> dict[str, Any]:
         path = self.run_dir / "results.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
 
 
 def open_run(run_dir: str | Path) -> TrainedRun:
@@ -79,15 +88,10 @@ def open_run(run_dir: str | Path) -> TrainedRun:
     if hydra_file.is_file() and OmegaConf.is_interpolation(cfg.paths, "root_dir"):
         # ${mint.cwd:} was the folder the run started in: relative paths (the cache) are read from there
         cfg.paths.root_dir = OmegaConf.load(hydra_file).hydra.runtime.cwd
-    kind = student_kind(
-        task_name=cfg.task.name,
-        task_modality=cfg.task.get("student_modality", "text"),
-        student_name=cfg.student.name,
-        student_modality=cfg.student.modality,
-    )
+    kind = student_kind(cfg)
     spec = student_spec(cfg.student)
     if spec.name_or_path is None:  # built from config by the run: the folder the adapter was trained on
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise FileNotFoundError(
                 f"the base student this run built ({base}) is gone (the stage cache was cleared?); "

@@ -19,6 +19,14 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
+def spread_indices(size: int, wanted: int | None) -> list[int]:
+    """`wanted` indices spread evenly over a split of `size` (all of them when None or more): a
+    split is often grouped by class, and its first N samples would be a few classes only."""
+    if wanted is None or wanted >= size:
+        return list(range(size))
+    return [i * size // wanted for i in range(wanted)]
+
+
 @dataclass(frozen=True)
 class Sample:
     id: str  # unique across all splits (a patient / image id)

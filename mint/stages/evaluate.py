@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mint.config import Method, plain
-from mint.data.task_data import Sample, TaskData
+from mint.data.task_data import Sample, TaskData, spread_indices
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
@@ -163,14 +163,6 @@ def predictions_table(
         row = [r["id"], r["truth"], r["answer"], "\n".join(r["parsed"]), rank, r["top1"], r["topk"]]
         rows.append(row + [r["format_valid"]] + [r["car"]] * has_car + [image] * with_image)
     return Table(key, columns + ["image"] * with_image, rows, image_columns=("image",) * with_image)
-
-
-def spread_indices(size: int, wanted: int | None) -> list[int]:
-    """`wanted` indices spread evenly over a split of `size` (all of them when None or more): a
-    split is often grouped by class, and its first N samples would be a few classes only."""
-    if wanted is None or wanted >= size:
-        return list(range(size))
-    return [i * size // wanted for i in range(wanted)]
 
 
 def evaluate_split(

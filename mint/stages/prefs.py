@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from mint.cache import cached
 from mint.config import plain
 from mint.data.example_prefs import make_example_prefs, write_jsonl
-from mint.data.task_data import TaskData
+from mint.data.task_data import TaskData, spread_indices
 from mint.leakage import check_pipeline_run
 from mint.pairs.rows import ACCEPTED_FORMS, Rows, looks_like_hub_id, read_preference_rows, split_rows
 from mint.prefs.builder import PromptTemplate, build_preference_rows, save_preference_dataset
@@ -88,8 +88,9 @@ def prefs_stage(
 
     entry = cached(Path(cfg.paths.cache_dir), "prefs", settings, make)
     log.info("preference dataset: %s", entry)
+    train = read_preference_rows(entry / "prefs.jsonl")  # grouped by class, as the split is
     rows = Rows(
-        train=read_preference_rows(entry / "prefs.jsonl")[: t.max_samples],
+        train=[train[i] for i in spread_indices(len(train), t.max_samples)],
         val=read_preference_rows(entry / "val.jsonl"),
         source=entry,
     )

@@ -257,17 +257,16 @@ def modality(value: str, key: str) -> Modality:
         raise ValueError(f"{key}={value!r}: expected one of {[m.value for m in Modality]}") from None
 
 
-def student_kind(
-    *, task_name: str, task_modality: str, student_name: str, student_modality: str
-) -> StudentKind:
-    """The run's student kind; fails before any work when the student cannot read what the task gives."""
-    wants = modality(task_modality, "task.student_modality")
-    has = modality(student_modality, "student.modality")
+def student_kind(cfg: Any) -> StudentKind:
+    """The run's student kind (from its `task` and `student` config); fails before any work when
+    the student cannot read what the task gives."""
+    wants = modality(cfg.task.get("student_modality", "text"), "task.student_modality")
+    has = modality(cfg.student.modality, "student.modality")
     if wants is not has:
         example = "student=tiny_mllama" if wants is Modality.image else "student=tiny_llama"
         article = "an" if has is Modality.image else "a"
         raise ValueError(
-            f"task={task_name} gives the student {wants} input, but student={student_name} is "
+            f"task={cfg.task.name} gives the student {wants} input, but student={cfg.student.name} is "
             f"{article} {has} model; pick a matching student (e.g. {example})"
         )
     return KINDS[has]
