@@ -108,11 +108,24 @@ def scrub(config: Any, secrets: Iterable[str] | None = None) -> Any:
     return config
 
 
+# `key=value` as typed on a command line (`+logger.wandb.api_key=...`; the match starts after the
+# last dot) and `key: value` as Hydra writes a config's scalar into .hydra/*.yaml.
+_OVERRIDE = re.compile(r"(?P<key>[A-Za-z0-9_\-]+)=(?P<value>[^\s,'\"\]]+)")
+_YAML_SCALAR = re.compile(r"^(?P<head>\s*(?:- )?(?P<key>[A-Za-z0-9_\-]+):) (?P<value>\S.*)$", re.MULTILINE)
+
+
+def scrub_secret_keys(text: str) -> str:
+    """`text` with the value of every key named like a secret redacted, in override and YAML form."""
+    text = _OVERRIDE.sub(lambda m: f"{m['key']}={REDACTED}" if _is_secret_key(m["key"]) else m[0], text)
+    return _YAML_SCALAR.sub(lambda m: f"{m['head']} '{REDACTED}'" if _is_secret_key(m["key"]) else m[0], text)
+
+
 def scrub_file(path: Path, secrets: Iterable[str] | None = None) -> bool:
-    """Rewrite a text file (atomically) with secret environment values redacted; True if it changed."""
+    """Rewrite a text file (atomically) with secret environment values and the values of keys named
+    like secrets redacted; True if it changed."""
     secrets = secret_values() if secrets is None else set(secrets)
     text = path.read_text()
-    clean = scrub_text(text, secrets)
+    clean = scrub_secret_keys(scrub_text(text, secrets))
     if clean == text:
         return False
     write_atomic(path, clean)
@@ -120,12 +133,13 @@ def scrub_file(path: Path, secrets: Iterable[str] | None = None) -> bool:
 
 
 def scrub_job_start(run_dir: Path) -> None:
-    """At the start of a Hydra job: redact secret environment values from what Hydra wrote
-    (`.hydra/*.yaml`) and from `sys.argv`, which W&B records with the run."""
+    """At the start of a Hydra job: redact secret environment values and secret keys' values
+    (`+logger.wandb.api_key=...` typed on the command line) from what Hydra wrote (`.hydra/*.yaml`)
+    and from `sys.argv`, which W&B records with the run. The job itself has read them already."""
     secrets = secret_values()
     for path in (run_dir / ".hydra").glob("*.yaml"):
         scrub_file(path, secrets)
-    sys.argv[:] = [scrub_text(arg, secrets) for arg in sys.argv]
+    sys.argv[:] = [scrub_secret_keys(scrub_text(arg, secrets)) for arg in sys.argv]
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from mint.errors import exit_status
 from mint.leakage import LeakageError
 from mint.optim.module import PreferenceModule
 from mint.pairs.rows import read_preference_rows
-from mint.report import REDACTED, scrub, secret_values
+from mint.report import REDACTED, scrub, scrub_job_start, secret_values
 from mint.resume import comparable_config, find_resume_checkpoint, start_checkpoint
 from mint.run import run
 from mint.stages.student import student_job
@@ -381,6 +381,40 @@ def test_secret_scrubbing_of_configs():
         "student": {"pad_token_id": 0, "max_new_tokens": 5, "name": "tiny"},
         "tags": [REDACTED, "orpo"],
     }
+
+
+def test_a_secret_key_typed_on_the_command_line_is_redacted_from_dot_hydra_and_argv(tmp_path, monkeypatch):
+    """What Hydra wrote before the job started, in its own formats; other values stay as they were."""
+    typed = "+logger.wandb.api_key=typed-in-0123456789"
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "overrides.yaml").write_text(f"- task=tissue\n- {typed}\n- seed=3\n")
+    (hydra_dir / "config.yaml").write_text(
+        "seed: 3\nlogger:\n  wandb:\n    project: mint\n    api_key: typed-in-0123456789\n"
+    )
+    (hydra_dir / "hydra.yaml").write_text(
+        f"hydra:\n  job:\n    override_dirname: {typed[1:]},seed=3,task=tissue\n  overrides:\n    task:\n    - {typed}\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["mint.run", "task=tissue", typed, "student.token_budget=9"])
+    scrub_job_start(tmp_path)
+    for path in hydra_dir.glob("*.yaml"):
+        assert "typed-in-0123456789" not in path.read_text(), path.name
+    assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == [
+        "task=tissue",
+        f"+logger.wandb.api_key={REDACTED}",
+        "seed=3",
+    ]
+    assert yaml.safe_load((hydra_dir / "config.yaml").read_text()) == {
+        "seed": 3,
+        "logger": {"wandb": {"project": "mint", "api_key": REDACTED}},
+    }
+    assert "seed=3,task=tissue" in (hydra_dir / "hydra.yaml").read_text()
+    assert sys.argv == [
+        "mint.run",
+        "task=tissue",
+        f"+logger.wandb.api_key={REDACTED}",
+        "student.token_budget=9",
+    ]
 
 
 def test_the_logged_config_has_env_secrets_redacted(make_cfg, monkeypatch):
