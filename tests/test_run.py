@@ -447,6 +447,41 @@ def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeyp
     assert sft["train/steps"] == dpo["train/steps"] == 12
 
 
+def test_a_dpo_run_stopped_in_its_sft_start_resumes_it_from_its_checkpoint(
+    make_cfg, tmp_path, prefs_path, monkeypatch
+):
+    """resume=true continues the SFT start from its step-6 checkpoint, not from step 0."""
+    import mint.stages.student
+
+    common = (
+        "task=custom",
+        f"task.prefs_path={prefs_path}",
+        "debug=smoke",
+        "task.max_samples=40",
+        "optim=dpo",
+    )
+    failing = ("+callbacks.fail._target_=tests.test_reliability.FailAtStep", "+callbacks.fail.at_step=8")
+    argv = f"+callbacks.fail.argv_file={tmp_path / 'argv.json'}"
+    with pytest.raises(RuntimeError, match="boom at step 8"):
+        run(with_own_cache(make_cfg(*common, *failing, argv, output_dir=tmp_path / "dpo"), tmp_path))
+    last = tmp_path / "dpo" / "sft_start" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not (tmp_path / "dpo" / "student").exists()  # stopped before DPO itself
+
+    starts = []
+    real_fit = mint.stages.student.fit_student
+    monkeypatch.setattr(
+        mint.stages.student,
+        "fit_student",
+        lambda job, *a, **k: starts.append((job.method.method, job.ckpt_path)) or real_fit(job, *a, **k),
+    )
+    resumed = run(with_own_cache(make_cfg(*common, "resume=true", output_dir=tmp_path / "dpo"), tmp_path))
+    assert starts[0] == ("sft", str(last))  # the SFT start continued from its checkpoint
+    assert resumed["train/steps"] == 12
+    sft_steps = json.loads((Path(resumed["sft_start/adapter"]).parent / "metrics.json").read_text())
+    assert sft_steps["train/steps"] == 12
+
+
 def test_a_dpo_run_after_an_sft_run_starts_from_its_adapter(make_cfg, tmp_path, prefs_path):
     """A comparison runs optim=sft before optim=dpo on the same pairs: DPO's SFT start is that run's
     adapter, not a second SFT training. Other SFT settings train their own start."""

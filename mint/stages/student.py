@@ -35,7 +35,7 @@ from mint.optim.trunk import TrunkCollator, cached_trunk, with_trunk_rows
 from mint.pairs.loaders import make_loaders
 from mint.pairs.rows import Rows, pairs_to_texts
 from mint.report import scrub, write_metrics
-from mint.resume import start_checkpoint
+from mint.resume import LAST, start_checkpoint
 from mint.stages.trainer import (
     LastValidation,
     build_callbacks,
@@ -81,6 +81,7 @@ class StudentJob:
     seed: int
     cache_dir: Path
     ckpt_path: str | None  # the Lightning checkpoint to resume from (mint/resume.py)
+    resume: bool  # resume=true: an SFT start cut short in this run's folder continues too
     # Lightning wiring: `_target_` nodes instantiated per fit (conf/trainer, callbacks, logger).
     trainer: DictConfig
     callbacks: DictConfig
@@ -173,6 +174,7 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         cache_dir=Path(cfg.paths.cache_dir),
         # ckpt_path=, resume=true (mint/resume.py) or None; untrained methods have nothing to resume
         ckpt_path=start_checkpoint(cfg) if method.method.trains else None,
+        resume=bool(cfg.get("resume", False)),
         trainer=cfg.trainer,
         callbacks=cfg.callbacks,
         loggers=cfg.logger,
@@ -230,9 +232,15 @@ def sft_start(job: StudentJob, rows: Rows, run_dir: Path) -> str:
         # Its checkpoints and logs stay in this run's sft_start/, out of the cache entry and
         # apart from the DPO logs (a CSV logger would otherwise overwrite them).
         out = run_dir / "sft_start"
+        last = out / "checkpoints" / LAST
+        # A DPO run stopped during its SFT start (kill, preemption): resume=true continues the
+        # start from its last checkpoint in this run's folder, as it does the DPO training.
+        start = dataclasses.replace(sft, ckpt_path=str(last)) if job.resume and last.is_file() else sft
+        if start.ckpt_path:
+            log.info("resume=true: the SFT start continues from %s", last)
         loggers = build_loggers(sft.loggers, sft.hparams, save_dir=out, name_suffix="-sft_start")
         try:
-            fit_student(sft, rows, folder, loggers, checkpoint_dir=out / "checkpoints")
+            fit_student(start, rows, folder, loggers, checkpoint_dir=out / "checkpoints")
         finally:
             close_loggers(loggers)
 
