@@ -740,7 +740,9 @@ def main(argv: list[str] | None = None) -> Path:
         "--out", type=Path, default=None, help="output folder (default outputs/comparisons/<name>)"
     )
     parser.add_argument(
-        "--name", default=None, help="comparison name = W&B group (default compare-<task>-<time>)"
+        "--name",
+        default=None,
+        help="comparison name = W&B group (default: the --out folder's name, else compare-<task>-<time>)",
     )
     parser.add_argument(
         "--resume",
@@ -769,7 +771,10 @@ def main(argv: list[str] | None = None) -> Path:
     for flag, given in (("--resume", args.resume), ("--report-only", args.report_only)):
         if given and args.out is None and args.name is None:
             raise SystemExit(f"{flag} needs the --out (or --name) of the comparison")
-    name = args.name or f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The name is the W&B group: a comparison resumed or re-tabled by its --out keeps its name.
+    name = args.name or (
+        Path(args.out).resolve().name if args.out else f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     out_dir = (args.out or ROOT / "outputs" / "comparisons" / name).resolve()
     runs_dir = out_dir / "runs"
     if args.report_only and not runs_dir.is_dir():

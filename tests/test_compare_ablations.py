@@ -163,6 +163,7 @@ def test_a_comparison_run_in_parts_reports_despite_another_parts_unfinished_run(
     assert list(rows) == ["none", "sft", "orpo", rpo, compare.MULTIMODAL_TEACHER]
     assert [float(rows[m]["top1_mean"]) for m in ("none", "sft", "orpo", rpo)] == [0.125, 0.5, 0.25, 0.375]
     assert "1 runs not finished yet (methods/dpo_seed3)" in (tmp_path / "comparison.md").read_text()
+    assert json.loads((tmp_path / "sweep.json").read_text())["name"] == tmp_path.name  # W&B group: --out's
 
 
 def test_ablation_rows_are_collected_under_their_names(tmp_path):
