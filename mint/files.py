@@ -125,3 +125,13 @@ def package_dir(package: str) -> Path:
 def sha256_hex(data: bytes | str) -> str:
     """Hex sha256 of `data` (a str is hashed as its UTF-8 bytes)."""
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 of a folder's files (relative names and bytes): an adapter's identity by content, so
+    one retrained in place is not taken for the old one."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -417,6 +418,19 @@ def test_dpo_reference_logps_are_computed_once_and_reused(make_cfg, tmp_path, pr
     second = run(with_own_cache(make_cfg(*args, "optim.beta=0.5", output_dir=tmp_path / "b"), tmp_path))
     assert len(calls) == 2  # the second run (another beta) reused the cached reference
     assert first["train/steps"] == second["train/steps"] == 3
+
+    # A reference adapter of the user's own (student.adapter_path) is known by its content too:
+    # retrained in place, its reference log-probs are computed again.
+    mine = tmp_path / "mine"
+    shutil.copytree(tmp_path / "a" / "student" / "adapter", mine)
+    again = (*args, f"student.adapter_path={mine}")
+    run(with_own_cache(make_cfg(*again, output_dir=tmp_path / "c"), tmp_path))
+    run(with_own_cache(make_cfg(*again, "optim.beta=0.5", output_dir=tmp_path / "d"), tmp_path))
+    assert len(calls) == 4  # computed for this adapter once, then reused
+    weights = "adapter_model.safetensors"
+    shutil.copy(tmp_path / "b" / "student" / "adapter" / weights, mine / weights)  # retrained in place
+    run(with_own_cache(make_cfg(*again, output_dir=tmp_path / "e"), tmp_path))
+    assert len(calls) == 6
 
 
 def test_dpo_starts_from_the_sft_adapter(make_cfg, tmp_path, prefs_path, monkeypatch):

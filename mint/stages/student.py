@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from mint.cache import cached
 from mint.config import Method, plain
-from mint.files import build_atomically
+from mint.files import build_atomically, folder_digest
 from mint.optim.module import PreferenceModule
 from mint.optim.reference import reference_logps
 from mint.optim.trunk import TrunkCollator, cached_trunk, with_trunk_rows
@@ -318,7 +318,14 @@ def fit_student(
             batch_size=settings.eval_batch_size,
             forward=kind.sides_forward,
             cache_dir=job.cache_dir,
-            student={**job.identity["student"], "adapter_path": job.student.adapter_path},
+            student={
+                **job.identity["student"],
+                "adapter_path": job.student.adapter_path,
+                # by content too: an adapter retrained in place gives other reference log-probs
+                "adapter_digest": folder_digest(Path(job.student.adapter_path))
+                if job.student.adapter_path
+                else None,
+            },
         )
         train_pairs = reference_logps(model, train_pairs, collator, **reference)
         val_pairs = reference_logps(model, val_pairs, collator, **reference)

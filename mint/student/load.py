@@ -56,7 +56,8 @@ def load_student(
                 f"student.gguf_file={gguf_file!r} is not a file in student.name_or_path={name_or_path!r} "
                 f"(looked for {gguf_path})"
             )
-        key = _short_hash(f"{gguf_path}:{gguf_path.stat().st_size}")
+        stat = gguf_path.stat()  # a file replaced in place has another size or modification time
+        key = _short_hash(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}")
         source = _materialize(
             students / f"gguf-{key}", lambda out: convert_gguf(str(gguf_path.parent), gguf_path.name, out)
         )
