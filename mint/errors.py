@@ -12,12 +12,27 @@ from __future__ import annotations
 import logging
 import sys
 
+from omegaconf.errors import OmegaConfBaseException
+
 from mint.leakage import LeakageError
 from mint.stages.trainer import Preempted
 
-# What MINT raises when the command or its inputs are wrong (ValueError covers ConfigError and
-# the data checks; LookupError a missing key; OSError a missing or unreadable file).
-INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, LeakageError)
+# What MINT raises when the command or its inputs are wrong: ValueError covers ConfigError and the
+# data checks; KeyError a name not in a set (an objective, an HPO term); the OSErrors of a path that
+# is missing, in the way or unreadable; an uninstalled extra; OmegaConf's errors (a `???` value
+# left unset). Not TypeError, IndexError or other OSErrors (a full disk): failures of the work.
+INPUT_ERRORS = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ImportError,
+    LeakageError,
+    OmegaConfBaseException,
+)
 
 
 # A run stopped by SIGTERM after its checkpoint: what a shell reports for a process ended by

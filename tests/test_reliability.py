@@ -8,6 +8,7 @@ tests/test_config.py (config typos), without repeating them.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 import mint.stages.student
 import mint.student.load as load_module
@@ -706,3 +708,10 @@ def test_exit_status_tells_input_errors_from_failures_of_the_work():
     assert exit_status(LeakageError("preference dataset contains 1 test sample(s)")) == 2
     assert exit_status(FloatingPointError("non-finite training loss")) == 1
     assert exit_status(RuntimeError("CUDA out of memory")) == 1
+    assert exit_status(KeyError("objective='val/x' is not among this run's results")) == 2
+    assert exit_status(PermissionError(13, "Permission denied", "/data/gmdb")) == 2
+    assert exit_status(MissingMandatoryValue("Missing mandatory value: task.prefs_path")) == 2
+    # a bug or a full disk is not the user's input
+    assert exit_status(IndexError("index 7 is out of bounds")) == 1
+    assert exit_status(TypeError("forward() got an unexpected keyword argument")) == 1
+    assert exit_status(OSError(errno.ENOSPC, "No space left on device")) == 1

@@ -42,7 +42,9 @@ def load_task(task: DictConfig) -> TaskData:
     or fewer labels than an answer, its negatives and the truth need."""
     data = instantiate(task.source, _convert_="all")
     if not isinstance(data, TaskData):
-        raise TypeError(f"task.source ({task.source._target_}) returned {type(data).__name__}, not TaskData")
+        raise ValueError(
+            f"task.source ({task.source._target_}) returned {type(data).__name__}: expected a TaskData"
+        )
     counts = {split: len(samples) for split, samples in data.splits.items()}
     empty = [split for split, n in counts.items() if n == 0]
     if empty:
