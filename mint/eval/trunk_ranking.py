@@ -130,7 +130,8 @@ def score_rows_full(
     return row_scores(logits[keep], keep, rows)
 
 
-def rows_digest(rows: Sequence[CandidateRow]) -> str:
+def candidates_digest(rows: Sequence[CandidateRow]) -> str:
+    """sha256 of the packed candidate rows' token ids and positions (the ranking trunk's key)."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(json.dumps([row.input_ids, row.segment_ids, row.position_ids]).encode())
@@ -166,7 +167,7 @@ def ranking_trunk(
             )
 
     key = {
-        "rows": rows_digest(rows),
+        "rows": candidates_digest(rows),
         "base": base,
         "dtype": str(decoder_of(model).norm.weight.dtype),
         "top_layers": top_layers,
