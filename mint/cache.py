@@ -13,7 +13,6 @@ builds one preference set, also when its jobs run in parallel (a lock file per e
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import shutil
@@ -22,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mint.files import build_atomically, sha256_hex
+from mint.files import build_atomically, file_checksums, sha256_hex
 
 log = logging.getLogger("mint.cache")
 MANIFEST = "manifest.json"
@@ -31,17 +30,6 @@ MANIFEST = "manifest.json"
 def config_key(config: Any) -> str:
     """16 hex digits of sha256 over the canonical JSON of `config` (plain dicts/lists/scalars)."""
     return sha256_hex(json.dumps(config, sort_keys=True, default=str))[:16]
-
-
-def _checksums(folder: Path) -> dict[str, str]:
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        sums[str(path.relative_to(folder))] = digest.hexdigest()
-    return sums
 
 
 def verify(entry: Path) -> bool:
@@ -53,7 +41,7 @@ def verify(entry: Path) -> bool:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return False
-    return recorded == _checksums(entry)
+    return recorded == file_checksums(entry, skip=MANIFEST)
 
 
 def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) -> Path:
@@ -84,7 +72,12 @@ def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) ->
 
         def make_with_manifest(folder: Path) -> None:
             make(folder)
-            manifest = {"stage": stage, "key": key, "config": config, "files": _checksums(folder)}
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "config": config,
+                "files": file_checksums(folder, skip=MANIFEST),
+            }
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
         # Another process (one not using this lock, e.g. on a file system without locks) may still

@@ -127,11 +127,20 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def file_checksums(folder: Path, skip: str | None = None) -> dict[str, str]:
+    """sha256 of every file under `folder` (read in blocks), by relative path; `skip`: a file name
+    left out (a cache entry's own manifest)."""
+    sums = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != skip):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        sums[str(path.relative_to(folder))] = digest.hexdigest()
+    return sums
+
+
 def folder_digest(folder: Path) -> str:
-    """sha256 of a folder's files (relative names and bytes): an adapter's identity by content, so
-    one retrained in place is not taken for the old one."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """sha256 of a folder's files (relative names and contents): an adapter's identity by content,
+    so one retrained in place is not taken for the old one."""
+    return sha256_hex(json.dumps(file_checksums(folder), sort_keys=True))

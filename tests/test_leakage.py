@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mint.cache import MANIFEST, _checksums
+from mint.cache import MANIFEST
 from mint.config import Modality
 from mint.data.rare_disease import simulate_rare_disease
 from mint.data.task_data import Sample, TaskData
+from mint.files import file_checksums
 from mint.leakage import (
     LeakageError,
     check_disjoint,
@@ -152,7 +153,7 @@ def test_a_tampered_preference_set_with_a_valid_manifest_stops_the_run(make_cfg,
     user["content"] = user["content"].replace(train_note, val_note.text)  # a val patient, a train id
     (entry / "prefs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     manifest = json.loads((entry / MANIFEST).read_text())
-    (entry / MANIFEST).write_text(json.dumps({**manifest, "files": _checksums(entry)}))
+    (entry / MANIFEST).write_text(json.dumps({**manifest, "files": file_checksums(entry, skip=MANIFEST)}))
 
     cfg = make_cfg(*SMOKE_PIPELINE, "stage=student", output_dir=tmp_path / "student_run")
     cfg.paths.cache_dir = str(cache)
