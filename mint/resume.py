@@ -15,6 +15,12 @@ never leaves half of one):
 
 With nothing to resume the run starts from scratch and says so, so a job script can
 always pass `resume=true`.
+
+Every checkpoint also records what determined its weights (`TrainingRecord`), and `resume=true`
+refuses one whose record differs from this run's: a rerun in the same folder with another
+learning rate, seed or teacher would otherwise continue the old weights under the new settings.
+Settings that do not touch the weights (evaluation, decoding, logging, validation frequency) may
+change, so a finished run can be evaluated again with `resume=true`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("mint")
@@ -100,3 +107,50 @@ def start_checkpoint(cfg: DictConfig) -> str | None:
         return None
     log.info("resume=true: continuing from %s", found)
     return str(found)
+
+
+def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each dotted key whose value differs between two plain configs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [d for k in keys for d in differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    if saved == current:
+        return []
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{prefix.rstrip('.')}: {short(saved)} -> {short(current)}"]
+
+
+class TrainingRecord(L.Callback):
+    """Keeps `record` (what determines the trained weights: the preference rows' digests, the
+    student, the objective and its settings, the seed, the trainer keys that change the steps) in
+    every checkpoint, and checks it when a fit starts from one. `strict` (resume=true) refuses a
+    checkpoint trained under another record; an explicit `ckpt_path=` is the user's choice and gets
+    a warning. A checkpoint written before records existed has none and is resumed as before."""
+
+    def __init__(self, record: dict[str, Any], *, checkpoint: str | None, strict: bool) -> None:
+        self.record = record
+        self.checkpoint = checkpoint
+        self.strict = strict
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = differences(state_dict.get("record", {}), self.record)
+        if not changed:
+            return
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        if not self.strict:
+            log.warning("ckpt_path=%s was trained with other settings (%s)", self.checkpoint, shown)
+            return
+        folder = Path(str(self.checkpoint)).parent
+        raise ValueError(
+            f"resume=true: {self.checkpoint} was trained with other settings ({shown}); continuing "
+            f"it would mix two runs. Start afresh in another folder (hydra.run.dir=...) or delete "
+            f"{folder}, or pass ckpt_path={self.checkpoint} without resume=true to continue it under "
+            "the new settings on purpose"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import signal
@@ -232,6 +233,41 @@ def test_resume_true_in_a_new_timestamped_folder_finds_the_newest_earlier_run_wi
         start_checkpoint(both)
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*nope\.ckpt"):
         start_checkpoint(make_cfg(*SMOKE, f"ckpt_path={tmp_path}/nope.ckpt"))
+
+
+def test_resume_true_in_the_same_folder_refuses_a_checkpoint_of_other_settings(make_cfg, tmp_path, caplog):
+    """A finished 4-step run, then reruns in its folder: with another learning rate resume=true
+    stops before any step and names the key; with a setting that leaves the weights alone (how
+    often to log) it goes on; an explicit ckpt_path= with another learning rate continues with a
+    warning."""
+    args = (*SMOKE, "optim=orpo", "trainer.max_steps=4")
+    run_dir = tmp_path / "run"
+    first = run(make_cfg(*args, output_dir=run_dir))
+    last = run_dir / "student" / "checkpoints" / "last.ckpt"
+    assert first["train/steps"] == 4 and last.is_file()
+    before = last.read_bytes()
+
+    other_lr = make_cfg(*args, "resume=true", "student.learning_rate=0.01", output_dir=run_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"resume=true: .*last\.ckpt was trained with other settings \(.*student\.learning_rate: 0\.002 -> 0\.01",
+    ):
+        run(other_lr)
+    assert last.read_bytes() == before  # the checkpoint is untouched
+
+    again = run(make_cfg(*args, "resume=true", "trainer.log_every_n_steps=2", output_dir=run_dir))
+    assert again["train/steps"] == 4 and again["val/loss"] == pytest.approx(first["val/loss"], abs=1e-6)
+
+    with caplog.at_level(logging.WARNING, logger="mint"):
+        run(
+            make_cfg(
+                *args, f"ckpt_path={last}", "student.learning_rate=0.01", output_dir=tmp_path / "on_purpose"
+            )
+        )
+    assert (
+        "was trained with other settings (" in caplog.text
+        and "student.learning_rate: 0.002 -> 0.01" in caplog.text
+    )
 
 
 def test_a_cache_build_killed_by_sigkill_leaves_a_temp_folder_that_is_never_read(tmp_path):

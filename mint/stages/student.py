@@ -35,7 +35,7 @@ from mint.optim.trunk import TrunkCollator, cached_trunk, with_trunk_rows
 from mint.pairs.loaders import make_loaders
 from mint.pairs.rows import Rows, pairs_to_texts
 from mint.report import scrub, write_metrics
-from mint.resume import LAST, start_checkpoint
+from mint.resume import LAST, TrainingRecord, start_checkpoint
 from mint.stages.trainer import (
     LastValidation,
     build_callbacks,
@@ -214,6 +214,39 @@ def rows_digest(rows: list[dict]) -> str:
     return digest.hexdigest()
 
 
+# Trainer keys that change when or how often things are logged or validated, never the weights.
+WEIGHT_NEUTRAL_TRAINER_KEYS = frozenset(
+    {
+        "accelerator",
+        "log_every_n_steps",
+        "val_check_interval",
+        "check_val_every_n_epoch",
+        "limit_val_batches",
+        "num_sanity_val_steps",
+        "enable_progress_bar",
+        "enable_model_summary",
+    }
+)
+
+
+def training_record(job: StudentJob, rows: Rows) -> dict[str, Any]:
+    """What determines a trained student's weights, as plain data: each checkpoint keeps it, and
+    `resume=true` refuses a checkpoint whose record differs (mint/resume.py). JSON types only
+    (an enum becomes its value): checkpoints are loaded with weights_only=True."""
+    record = {
+        "rows": rows_digest(rows.train),
+        "val_rows": rows_digest(rows.val),
+        **job.identity,
+        # beta (left out of the identity for the SFT start's sake) weighs ORPO's and DPO's losses
+        "optim": {
+            **job.identity["optim"],
+            "beta": None if job.method.method is Method.sft else job.method.beta,
+        },
+        "trainer": {k: v for k, v in job.identity["trainer"].items() if k not in WEIGHT_NEUTRAL_TRAINER_KEYS},
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
 def sft_start_key(job: StudentJob, rows: Rows) -> dict[str, Any]:
     """What determines DPO's SFT start: the rows and the job with the SFT loss."""
     return {"rows": rows_digest(rows.train), "val_rows": rows_digest(rows.val), **job.as_sft().identity}
@@ -360,6 +393,9 @@ def fit_student(
     )
     if validation is not None and trains:
         callbacks.append(validation(model, processor))
+    if trains:
+        record = training_record(job, rows)
+        callbacks.append(TrainingRecord(record, checkpoint=job.ckpt_path, strict=job.resume))
     last_validation = LastValidation()
     callbacks.append(last_validation)
     trainer = build_trainer(job.trainer, loggers=loggers, callbacks=callbacks, root_dir=stage_dir)
