@@ -248,8 +248,8 @@ def training_record(job: StudentJob, rows: Rows) -> dict[str, Any]:
 
 
 def sft_start_key(job: StudentJob, rows: Rows) -> dict[str, Any]:
-    """What determines DPO's SFT start: the rows and the job with the SFT loss."""
-    return {"rows": rows_digest(rows.train), "val_rows": rows_digest(rows.val), **job.as_sft().identity}
+    """What determines DPO's SFT start: the training record of the same job with the SFT loss."""
+    return training_record(job.as_sft(), rows)
 
 
 def sft_start(job: StudentJob, rows: Rows, run_dir: Path) -> str:
