@@ -12,6 +12,14 @@ to 1e-4) with a random LoRA on its top layers, rare-disease shapes (30 labels af
 trunk build (once per test split and base) and the top-layer scoring, per prompt.
 
     PYTHONPATH=. .venv/bin/python experiments/bench_ranking.py --trunk [--prompts 24] [--tiny]
+
+`--run DIR`: a finished run's trained student (its config, adapter and task), its test split
+(`--prompts` samples, spread) ranked both ways as its evaluation would: at full depth with the KV
+cache, and on the trunk (a student with train_top_layers; an image student's rows share one trunk
+sequence, the image entering above it). Prints each path's time, the largest score difference and
+how often the two put the same label first.
+
+    PYTHONPATH=. .venv/bin/python experiments/bench_ranking.py --run outputs/.../sft_seed1 [--prompts 48]
 """
 
 from __future__ import annotations
@@ -69,8 +77,11 @@ def main() -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="--trunk: this benchmark's small Llama, not SmolLM2"
     )
+    parser.add_argument("--run", type=Path, help="a finished run folder: its test split ranked both ways")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
+    if cli.run is not None:
+        return run_main(cli)
     if cli.trunk:
         return trunk_main(cli)
 
@@ -189,6 +200,74 @@ def trunk_main(cli: argparse.Namespace) -> None:
         trunk_off = (torch.from_numpy(on_trunk) - reference).abs().max().item()
         print(f"max abs difference to the float32 scores: kv_cache {kv_off:.2e}, trunk {trunk_off:.2e}")
     print(f"speedup of each evaluation vs kv_cache: {kv_s / top_s:.1f}x")
+
+
+def run_main(cli: argparse.Namespace) -> None:
+    import tempfile
+
+    import numpy as np
+
+    from mint.commands.trained import load_trained, open_run
+    from mint.data.task_data import spread_indices
+    from mint.eval.ranking import label_candidates
+    from mint.stages.evaluate import eval_job, label_scores, trunk_scorer
+    from mint.stages.teacher import load_task
+
+    run = open_run(cli.run)
+    job = eval_job(run.cfg)
+    if job.top_layers is None:
+        raise SystemExit(f"--run {cli.run}: its student has no train_top_layers, so no trunk to rank on")
+    model, processor = load_trained(run)
+    task = load_task(run.cfg.task)
+    split = task.splits["test"]
+    samples = [split[i] for i in spread_indices(len(split), cli.prompts)]
+    prompts = [run.kind.prompt(job.template, s) for s in samples]
+    images = [s.image for s in samples]
+    candidates = label_candidates(run.kind.tokenizer(processor), task.labels, job.answer)
+
+    started = time.perf_counter()
+    full = label_scores(run.kind, model, processor, prompts, samples, candidates)
+    full_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        scorer = trunk_scorer(
+            run.kind, model, processor, prompts, images, candidates,
+            top_layers=job.top_layers, cache_dir=Path(cache), base=job.base,
+        )  # fmt: skip
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        on_trunk = scorer(model)
+        top_s = time.perf_counter() - started
+    truths = np.array([s.label for s in samples])
+    n = len(samples)
+    print(
+        f"{cli.run}: {run.cfg.student.name} ({run.cfg.student.dtype}), top {job.top_layers} layers; "
+        f"{n} test samples of task={run.cfg.task.name}, "
+        f"{len(candidates)} labels; {torch.get_num_threads()} threads"
+    )
+    print("| path | s | s per sample | ratio to kv_cache |")
+    print("|---|---|---|---|")
+    print(f"| kv_cache (full depth) | {full_s:.1f} | {full_s / n:.3f} | 1.0x |")
+    print(
+        f"| trunk build (once per split and base) | {build_s:.1f} | {build_s / n:.3f} | {build_s / full_s:.2f}x |"
+    )
+    print(f"| top layers on the trunk | {top_s:.1f} | {top_s / n:.3f} | {top_s / full_s:.2f}x |")
+    print(
+        f"max abs score difference {np.abs(on_trunk - full).max():.2e} (mean |score| {np.abs(full).mean():.1f}); "
+        f"same first label {np.mean(on_trunk.argmax(1) == full.argmax(1)):.3f}; rank top-1 "
+        f"{np.mean(full.argmax(1) == truths):.3f} (kv_cache) / {np.mean(on_trunk.argmax(1) == truths):.3f} (trunk)"
+    )
+    if run.spec.dtype != "float32":  # in bfloat16 the two paths round differently: compare both to float32
+        import dataclasses
+
+        model, processor = load_trained(run, dataclasses.replace(run.spec, dtype="float32"))
+        reference = label_scores(run.kind, model, processor, prompts, samples, candidates)
+        print(
+            f"max abs difference to the float32 (kv_cache) scores: kv_cache {np.abs(full - reference).max():.2e}, "
+            f"trunk {np.abs(on_trunk - reference).max():.2e}; same first label as float32: kv_cache "
+            f"{np.mean(full.argmax(1) == reference.argmax(1)):.3f}, trunk {np.mean(on_trunk.argmax(1) == reference.argmax(1)):.3f}"
+        )
+    print(f"speedup of the ranking, trunk build included: {full_s / (build_s + top_s):.1f}x")
 
 
 if __name__ == "__main__":

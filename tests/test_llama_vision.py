@@ -272,18 +272,25 @@ def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_
 
 def test_tissue_smoke_run_trains_the_image_side_on_a_cached_trunk(make_cfg, tmp_path, monkeypatch) -> None:
     """python -m mint.run task=tissue student=tiny_llama_vision debug=smoke: ORPO on the top layers
-    from cached states, the vision tower and gates trained, then the evaluation."""
+    from cached states, the vision tower and gates trained, then the evaluation (its ranking on
+    the trunk too)."""
     from safetensors.torch import load_file
 
     from mint.run import run
 
-    builds = []
+    builds, ranking_builds = [], []
     real = mint.optim.trunk.build_trunk
     monkeypatch.setattr(mint.optim.trunk, "build_trunk", lambda *a, **k: builds.append(1) or real(*a, **k))
+    real_write = mint.optim.trunk.write_trunk
+    monkeypatch.setattr(
+        "mint.eval.trunk_ranking.write_trunk",
+        lambda *a, **k: ranking_builds.append(len(a[3])) or real_write(*a, **k),  # a[3]: the row lengths
+    )
     results = run(
         make_cfg("task=tissue", "student=tiny_llama_vision", "debug=smoke", output_dir=tmp_path / "r")
     )
     assert len(builds) == 1
+    assert ranking_builds == [1]  # the test images ranked on one trunk row: they share the question
     assert results["train/steps"] == 12
     assert {"test/top1", "test/topk", "test/format_valid", "test/rank_top1", "val/loss"} <= results.keys()
     assert 0.0 <= results["test/rank_top1"] <= results["test/rank_topk"] <= 1.0
@@ -380,3 +387,37 @@ def test_bf16_mixed_training_steps_the_full_trained_modules_in_float32(tiny, tmp
     assert all(p.dtype == torch.bfloat16 for p in at_one.values())
     moved = sum(int((p != 1).sum()) for p in at_one.values())
     assert moved > 20, moved
+
+
+def test_image_student_ranks_the_labels_on_one_trunk_row_for_every_image(tiny, tmp_path) -> None:
+    """Closed-set ranking of a top-N image student on cached trunk states: every image is asked the
+    same question, so one trunk sequence serves them all, the image entering above it; the scores
+    equal the full-depth KV-cache path's (ImageStudent.label_scores) within 1e-4 in float32."""
+    from mint.config import Modality
+    from mint.stages.evaluate import trunk_scorer
+    from mint.student.kinds import KINDS
+
+    model, processor = _load(tiny, tmp_path, init_lora_weights=False)
+    model.eval()
+    with torch.no_grad():  # weights in the zeroed output projections: the image changes the scores
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(std=0.1)
+    kind = KINDS[Modality.image]
+    tokenizer = processor.tokenizer
+    answers = ("The colour is Red.", "The colour is Blue.", "The colour is Red!", "Red")
+    candidates = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers]
+    images = [_image(colour, seed) for seed, colour in enumerate(["Red", "Blue", "Red", "Blue", "Red"])]
+    prompts = [PROMPT] * len(images)
+    scorer = trunk_scorer(
+        kind, model, processor, prompts, images, candidates, top_layers=3, cache_dir=tmp_path, base={"t": 1}
+    )
+    scores = scorer(model)
+    full = np.stack(
+        [kind.label_scores(model, processor, PROMPT, image, candidates).numpy() for image in images]
+    )
+    assert scores.shape == (len(images), len(candidates))
+    np.testing.assert_allclose(scores, full, atol=1e-4, rtol=0)
+    assert np.abs(scores[0] - scores[1]).max() > 1e-3  # a red and a blue image: the image counts
+    [offsets] = list(tmp_path.glob("ranking_trunk/*/offsets.npy"))
+    assert len(np.load(offsets)) == 2  # one sequence in the trunk for all five images

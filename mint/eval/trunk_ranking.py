@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ from mint.optim.trunk import Trunk, check_top_only, decoder_of, top_logits, top_
 from mint.pairs.packed import PAD, PROMPT
 
 SHARED = -1  # `owners` of a context token every candidate starts with
+# row_inputs(model, indices, length): more forward kwargs for rows `indices` of a batch padded to
+# `length`: an image student's cross-attention inputs (mint.student.vision.image_row_inputs).
+RowInputs = Callable[[torch.nn.Module, Sequence[int], int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -185,22 +188,35 @@ def ranking_trunk(
 
 @torch.inference_mode()
 def trunk_label_scores(
-    model: torch.nn.Module, trunk: Trunk, rows: Sequence[CandidateRow], batch_size: int
+    model: torch.nn.Module,
+    trunk: Trunk,
+    rows: Sequence[CandidateRow],
+    batch_size: int,
+    *,
+    sequences: Sequence[int] | None = None,
+    row_inputs: RowInputs | None = None,
 ) -> np.ndarray:
-    """[rows, C]: every row's candidate scores from its trunk states, through the top layers only."""
+    """[rows, C]: every row's candidate scores from its trunk states, through the top layers only.
+
+    `sequences[i]`: row i's sequence in the trunk (default: i; rows alike can share one).
+    `row_inputs`: what else a batch of rows needs (an image student's image: it enters in the top
+    layers, so the trunk below is the same for every image asked the same question)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores: list[torch.Tensor] = []
     for first in tqdm(range(0, len(rows), batch_size), desc="ranking labels (top layers)", unit="batch"):
-        chunk = rows[first : first + batch_size]
+        indices = range(first, min(first + batch_size, len(rows)))
+        chunk = [rows[i] for i in indices]
         batch = collate_rows(chunk, pad_token_id=0)  # the ids are not read: the states replace them
         length = batch["input_ids"].shape[1]
-        states = trunk.padded(range(first, first + len(chunk)), length).to(device)
+        states = trunk.padded([sequences[i] for i in indices] if sequences else indices, length).to(device)
         inputs = {
             "attention_mask": attention_mask_for(model, batch["segment_ids"].to(device)),
             "position_ids": batch["position_ids"].to(device),
         }
+        if row_inputs is not None:
+            inputs |= row_inputs(model, indices, length)
         keep = predictor_mask(chunk, length).to(device)
         scores += row_scores(top_logits(model, (states, trunk.start), inputs, keep), keep, chunk)
     model.train(was_training)

@@ -29,10 +29,9 @@ from mint.data.task_data import Sample, TaskData, spread_indices
 from mint.eval.answers import answer_metrics
 from mint.eval.generate import GREEDY, DecodingSettings, generate_answers
 from mint.eval.ranking import closed_set_metrics, label_candidates
-from mint.eval.trunk_ranking import CandidateRow, candidate_row, ranking_trunk, trunk_label_scores
+from mint.eval.trunk_ranking import candidate_row, ranking_trunk, trunk_label_scores
 from mint.files import write_atomic
 from mint.metrics import topk_hits
-from mint.optim.trunk import Trunk
 from mint.plots import hits_at_k, plot_hits_at_k
 from mint.prefs.builder import PromptTemplate
 from mint.prefs.formats import AnswerFormat
@@ -69,6 +68,10 @@ class EvalJob:
     # ranks the labels on cached trunk states (mint/eval/trunk_ranking.py)
     top_layers: int | None
     base: dict[str, Any]
+
+    def trunk_keys(self) -> dict[str, Any]:
+        """What `trunk_scorer` reads of the job: the top layers, the base below them, the cache."""
+        return {"top_layers": self.top_layers, "base": self.base, "cache_dir": self.cache_dir}
 
 
 def eval_job(cfg: DictConfig) -> EvalJob:
@@ -275,35 +278,53 @@ def closed_set_scores(
     samples: list[Sample],
     candidates: list[list[int]],
 ) -> np.ndarray:
-    """[prompts, labels] label scores: on the cached trunk for a text student trained on its top
-    layers (its candidate rows use the packed layout), else at full depth with the KV cache."""
-    if job.top_layers is not None and kind.can_pack:  # the layers below run once per split and base
-        rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
-        return trunk_label_scores(model, trunk, rows, batch_size=RANKING_BATCH)
+    """[prompts, labels] label scores: on the cached trunk for a student trained on its top layers,
+    else at full depth with the KV cache."""
+    if job.top_layers is not None:  # the layers below run once per split and base
+        images = [s.image for s in samples]
+        return trunk_scorer(kind, model, processor, prompts, images, candidates, **job.trunk_keys())(model)
     return label_scores(kind, model, processor, prompts, samples, candidates)
 
 
-def ranking_rows(
-    job: EvalJob,
+def trunk_scorer(
     kind: StudentKind,
     model: torch.nn.Module,
     processor: Any,
     prompts: list[list[dict]],
+    images: list[np.ndarray | None],
     candidates: list[list[int]],
-) -> tuple[list[CandidateRow], Trunk]:
-    """One packed candidate row per prompt, and their trunk states (built, or read from the cache)."""
+    *,
+    top_layers: int,
+    cache_dir: Path,
+    base: dict[str, Any],
+) -> Callable[[torch.nn.Module], np.ndarray]:
+    """The label scores of a top-N student (the base's or one trained on it: the function's
+    argument) from the trunk states of one packed candidate row per prompt, built from `model`
+    once (or read from the cache). `base` identifies the frozen base (its cache key)."""
     tokenizer = kind.tokenizer(processor)
-    rows = [candidate_row(kind.prompt_ids(processor, prompt), candidates) for prompt in prompts]
+    prompt_ids, row_inputs = kind.ranking_prompts(processor, prompts, images)
+    rows = [candidate_row(ids, candidates) for ids in prompt_ids]
+    # Rows alike share one trunk sequence: an image task asks every image the same question, and
+    # its image enters above the trunk, so one sequence serves the whole split.
+    index: dict[tuple[int, ...], int] = {}
+    sequences = [index.setdefault(tuple(row.input_ids), len(index)) for row in rows]
+    distinct = list({tuple(row.input_ids): row for row in rows}.values())  # in `index`'s order
     trunk = ranking_trunk(
         model,
-        rows,
-        top_layers=job.top_layers,
+        distinct,
+        top_layers=top_layers,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         batch_size=RANKING_BATCH,
-        cache_dir=job.cache_dir,
-        base=job.base,
+        cache_dir=cache_dir,
+        base=base,
     )
-    return rows, trunk
+
+    def scores(trained: torch.nn.Module) -> np.ndarray:
+        return trunk_label_scores(
+            trained, trunk, rows, batch_size=RANKING_BATCH, sequences=sequences, row_inputs=row_inputs
+        )
+
+    return scores
 
 
 # --------------------------------------------------------------------------- during training
@@ -344,13 +365,11 @@ def val_ranking(
 
     def make(model: torch.nn.Module, processor: Any) -> L.Callback:
         candidates = label_candidates(kind.tokenizer(processor), task.labels, job.answer)
-        if job.top_layers is not None and kind.can_pack:
+        if job.top_layers is not None:
             # The trunk is built here, before training, outside its autocast: the states are the
             # base's own, as the test split's are.
-            rows, trunk = ranking_rows(job, kind, model, processor, prompts, candidates)
-
-            def scores(trained: torch.nn.Module) -> np.ndarray:
-                return trunk_label_scores(trained, trunk, rows, batch_size=RANKING_BATCH)
+            images = [s.image for s in samples]
+            scores = trunk_scorer(kind, model, processor, prompts, images, candidates, **job.trunk_keys())
         else:
 
             def scores(trained: torch.nn.Module) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 from mint.config import Modality
 from mint.data.task_data import Sample, TaskData
 from mint.eval.ranking import score_candidates
+from mint.eval.trunk_ranking import RowInputs
 from mint.leakage import normalise_text
 from mint.optim.forward import SidesForward, text_sides_logits
 from mint.pairs.packed import PackedPreferenceCollator
@@ -29,7 +30,12 @@ from mint.pairs.text import PreferenceCollator, TruncationReport, tokenize_prefe
 from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair
 from mint.prefs.builder import PromptTemplate
 from mint.student.load import load_student
-from mint.student.vision import image_prompt_inputs, image_sides_logits, load_vision_student
+from mint.student.vision import (
+    image_prompt_inputs,
+    image_row_inputs,
+    image_sides_logits,
+    load_vision_student,
+)
 
 # Spellings an earlier version accepted, and the word to use now.
 RENAMED = {"vision": Modality.image}
@@ -148,6 +154,12 @@ class TextStudent:
         text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return processor(text, add_special_tokens=False)["input_ids"]
 
+    def ranking_prompts(
+        self, processor: Any, prompts: list[list[dict]], images: list[np.ndarray | None]
+    ) -> tuple[list[list[int]], RowInputs | None]:
+        """For ranking on trunk states: each prompt's token ids, and no more inputs (text only)."""
+        return [self.prompt_ids(processor, prompt) for prompt in prompts], None
+
     def generation_inputs(
         self, processor: Any, images: list[np.ndarray] | None
     ) -> Callable[[list[str], range], Any] | None:
@@ -231,6 +243,17 @@ class ImageStudent:
         return score_candidates(
             model, processor.tokenizer, pair.prompt_ids, candidates, extra_inputs=extra
         ).summed
+
+    def ranking_prompts(
+        self, processor: Any, prompts: list[list[dict]], images: list[np.ndarray | None]
+    ) -> tuple[list[list[int]], RowInputs | None]:
+        """For ranking on trunk states: each prompt's token ids (the image token in them), and the
+        image inputs of its rows (`image_row_inputs`): the image enters above the trunk."""
+        pairs = [
+            encode_vision_pair(processor, image, prompt, "-", "-", max_length=sys.maxsize)
+            for prompt, image in zip(prompts, images, strict=True)
+        ]
+        return [pair.prompt_ids for pair in pairs], image_row_inputs(pairs)
 
     def generation_inputs(
         self, processor: Any, images: list[np.ndarray] | None

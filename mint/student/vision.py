@@ -33,6 +33,7 @@ from transformers import (
     MllamaVisionConfig,
 )
 
+from mint.eval.trunk_ranking import RowInputs
 from mint.optim.forward import KeptLogits, logits_at
 from mint.pairs.vision import IMAGE_KEYS, VisionPair, image_inputs
 from mint.student.load import (
@@ -407,6 +408,23 @@ def image_sides_logits(
     if keep is not None:
         return logits_at(model, inputs, keep, trunk)
     return model(**inputs, use_cache=False).logits
+
+
+def image_row_inputs(pairs: Sequence[VisionPair]) -> RowInputs:
+    """For closed-set ranking on trunk states: rows i start with `pairs[i]`'s prompt, and get its
+    image's cross-attention states (through the given model's tower and projector, once a batch:
+    the trained ones, whatever model the trunk was built with) and mask (every token from the
+    image token on sees it, the candidates too)."""
+
+    def inputs(model: torch.nn.Module, indices: Sequence[int], length: int) -> dict:
+        device = next(model.parameters()).device
+        tensors = {k: v.to(device) for k, v in image_inputs([pairs[i] for i in indices], length).items()}
+        states = image_states(
+            model, tensors["pixel_values"], tensors["aspect_ratio_ids"], tensors["aspect_ratio_mask"]
+        )
+        return {"cross_attention_states": states, "cross_attention_mask": tensors["cross_attention_mask"]}
+
+    return inputs
 
 
 def image_prompt_inputs(model: torch.nn.Module, pair: VisionPair) -> Callable[[int, int, int], dict]:
