@@ -184,6 +184,15 @@ def _load(tiny, tmp_path, **changes):
     )
 
 
+def _train_output_projections(model: torch.nn.Module) -> None:
+    """Weights in the fully trained layers' zeroed output projections, as after some training: the
+    cross-attention layers then pass the image on."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(std=0.1)
+
+
 def test_lora_on_the_top_self_attention_layers_and_the_image_side_in_full(tiny, tmp_path) -> None:
     model, _ = _load(tiny, tmp_path)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -234,10 +243,7 @@ def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_
     tower) from cached trunk states equal those of the full forward, within 1e-5 in float32."""
     model, processor = _load(tiny, tmp_path, init_lora_weights=False)  # LoRA B != 0: A gets gradients
     model.eval()  # no dropout: both runs see the same function
-    with torch.no_grad():  # weights in the zeroed output projections, as after some training
-        for name, param in model.named_parameters():
-            if "modules_to_save" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.normal_(std=0.1)
+    _train_output_projections(model)
     pairs = _pairs(processor)
     inner = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
     trunk = cached_trunk(model, pairs, inner, top_layers=3, batch_size=4, cache_dir=tmp_path, base={"t": 1})
@@ -399,10 +405,7 @@ def test_image_student_ranks_the_labels_on_one_trunk_row_for_every_image(tiny, t
 
     model, processor = _load(tiny, tmp_path, init_lora_weights=False)
     model.eval()
-    with torch.no_grad():  # weights in the zeroed output projections: the image changes the scores
-        for name, param in model.named_parameters():
-            if "modules_to_save" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.normal_(std=0.1)
+    _train_output_projections(model)  # the image changes the scores
     kind = KINDS[Modality.image]
     tokenizer = processor.tokenizer
     answers = ("The colour is Red.", "The colour is Blue.", "The colour is Red!", "Red")
