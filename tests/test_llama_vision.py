@@ -17,7 +17,12 @@ import mint.optim.trunk
 from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
 from mint.optim.trunk import TrunkCollator, cached_trunk, check_top_only, with_trunk_rows
-from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
+from mint.pairs.vision import (
+    PackedVisionCollator,
+    VisionPreferenceCollator,
+    encode_vision_pair,
+    vision_messages,
+)
 from mint.student.llama_vision import build_mllama_from_llama
 from mint.student.load import _build_key
 from mint.student.tiny import build_tiny_llama
@@ -229,7 +234,12 @@ def test_lora_on_the_top_self_attention_layers_and_the_image_side_in_full(tiny, 
 
 def loss_and_grads(model, batch, method, sft_on_prompt):
     module = PreferenceModule(
-        model, method=method, beta=0.3, sft_on_prompt=sft_on_prompt, forward=image_sides_logits
+        model,
+        method=method,
+        beta=0.3,
+        sft_on_prompt=sft_on_prompt,
+        forward=image_sides_logits,
+        packed="segment_ids" in batch,
     )
     model.zero_grad()
     loss, _ = module.compute_loss(batch)
@@ -237,17 +247,21 @@ def loss_and_grads(model, batch, method, sft_on_prompt):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(("method", "sft_on_prompt"), [("orpo", True), ("dpo", False)])
-def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_on_prompt) -> None:
+@pytest.mark.parametrize(
+    ("method", "sft_on_prompt", "packed"),
+    [("orpo", True, False), ("dpo", False, False), ("orpo", True, True)],
+)
+def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_on_prompt, packed) -> None:
     """The loss and every trained weight's gradient (LoRA, cross-attention layer, projector, vision
-    tower) from cached trunk states equal those of the full forward, within 1e-5 in float32."""
+    tower) from cached trunk states equal those of the full forward, within 1e-5 in float32;
+    unpacked and packed (one row [prompt, chosen, rejected] per pair)."""
     model, processor = _load(tiny, tmp_path, init_lora_weights=False)  # LoRA B != 0: A gets gradients
     model.eval()  # no dropout: both runs see the same function
     _train_output_projections(model)
     pairs = _pairs(processor)
-    inner = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+    inner = (PackedVisionCollator if packed else VisionPreferenceCollator)(processor.tokenizer.pad_token_id)
     trunk = cached_trunk(model, pairs, inner, top_layers=3, batch_size=4, cache_dir=tmp_path, base={"t": 1})
-    assert trunk.start == 2 and not trunk.packed
+    assert trunk.start == 2 and trunk.packed is packed
     collator, items = TrunkCollator(inner, trunk), with_trunk_rows(pairs)
     if method == "dpo":
         full_ref = attach_reference_logps(model, pairs, inner, 4, forward=image_sides_logits)
@@ -259,7 +273,8 @@ def test_trunk_cache_is_exact_for_the_image_student(tiny, tmp_path, method, sft_
         items = [shift(it) for it in items]  # a reference other than the policy: a gradient to compare
         pairs = [{k: v for k, v in it.items() if k != "trunk_row"} for it in items]
     batch_full, batch_trunk = inner(pairs), collator(items)
-    assert "chosen_trunk" in batch_trunk and "chosen_trunk" not in batch_full
+    trunk_key = "trunk_states" if packed else "chosen_trunk"
+    assert trunk_key in batch_trunk and trunk_key not in batch_full
     full_loss, full_grads = loss_and_grads(model, batch_full, method, sft_on_prompt)
     trunk_loss, trunk_grads = loss_and_grads(model, batch_trunk, method, sft_on_prompt)
     torch.testing.assert_close(trunk_loss, full_loss, atol=1e-5, rtol=0)

@@ -18,10 +18,17 @@ from mint.optim.forward import (
     packed_logps,
     packed_mask_mod,
     sft_labels,
+    without_rejected,
 )
 from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
-from mint.pairs.packed import LengthGroupedSampler, PackedPreferenceCollator, packed_length, padding_waste
+from mint.pairs.packed import (
+    REJECTED,
+    LengthGroupedSampler,
+    PackedPreferenceCollator,
+    packed_length,
+    padding_waste,
+)
 from mint.pairs.text import PreferenceCollator, TokenizedPair
 from tests.conftest import random_llama
 
@@ -129,6 +136,26 @@ def test_module_loss_packed_equals_unpacked(loss):
     assert results[True][1].keys() == results[False][1].keys()
     for key, value in results[False][1].items():
         torch.testing.assert_close(results[True][1][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_sft_trains_on_the_packed_rows_cut_before_the_rejected_answers():
+    """SFT's training step needs [prompt, chosen] only: the cut batch is as long as the longest
+    prompt + chosen, holds no rejected token, and gives the chosen log-probs and NLL of the whole row."""
+    model = tiny_llama(seed=5)
+    pairs = random_pairs(6, seed=5)
+    batch = PackedPreferenceCollator(PAD)(pairs)
+    cut = without_rejected(batch)
+    assert cut["input_ids"].shape[1] == max(len(p.prompt_ids) + len(p.chosen_ids) for p in pairs)
+    assert cut["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    assert not (cut["segment_ids"] == REJECTED).any() and cut["position_ids"].shape == cut["input_ids"].shape
+    with torch.no_grad():
+        whole, part = (
+            packed_logps(model, batch, sft_on_prompt=True),
+            packed_logps(model, cut, sft_on_prompt=True),
+        )
+    torch.testing.assert_close(part.chosen_sum, whole.chosen_sum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(part.nll, whole.nll, atol=1e-5, rtol=0)
+    assert part.rejected_count.sum() == 0
 
 
 def test_flex_mask_mod_matches_dense_mask():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -18,7 +19,12 @@ from mint.optim.forward import answer_logps, sft_labels
 from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
 from mint.pairs.packed import PackedPreferenceCollator
-from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
+from mint.pairs.vision import (
+    PackedVisionCollator,
+    VisionPreferenceCollator,
+    encode_vision_pair,
+    vision_messages,
+)
 from mint.student.kinds import KINDS
 from mint.student.vision import build_tiny_mllama, image_sides_logits, load_vision_student
 
@@ -166,6 +172,58 @@ def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, 
         _module(model, "orpo", packed=True).compute_loss(batch)
     with pytest.raises(ValueError, match="VisionPreferenceCollator"):
         attach_reference_logps(model, _pairs(processor), PackedPreferenceCollator(0), batch_size=2)
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "sft"])
+def test_packed_image_pairs_give_the_unpacked_loss_and_gradients(tiny: Path, tmp_path: Path, method) -> None:
+    """One row [prompt, chosen, rejected] per image pair (PackedVisionCollator): the method's loss,
+    its metrics, DPO's reference log-probs and every trained weight's gradient (LoRA, cross-attention,
+    projector, vision tower) equal those of the two unpacked rows, within 1e-5 in float32."""
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+    model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=lora)
+    model.eval()  # no dropout: both layouts see the same function
+    pad = processor.tokenizer.pad_token_id
+    # Answers of different lengths, so the packed rows' rejected parts start at different places.
+    pairs = [
+        dataclasses.replace(pair, chosen_ids=pair.chosen_ids + pair.chosen_ids[-2:] * (i % 3))
+        for i, pair in enumerate(_pairs(processor, seeds=range(5)))
+    ]
+    unpacked, packed = VisionPreferenceCollator(pad), PackedVisionCollator(pad)
+    items = {False: pairs, True: pairs}
+    if method == "dpo":
+        items = {
+            False: attach_reference_logps(model, pairs, unpacked, 2, forward=IMAGE.sides_forward),
+            True: attach_reference_logps(model, pairs, packed, 2, forward=IMAGE.sides_forward),
+        }
+        for a, b in zip(items[False], items[True], strict=True):
+            assert abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) < 1e-5
+            assert abs(a["ref_rejected_logps"] - b["ref_rejected_logps"]) < 1e-5
+        # A reference other than the policy, so that DPO's gradient is not 0.
+        items = {
+            k: [{**it, "ref_chosen_logps": it["ref_chosen_logps"] - 0.5} for it in v]
+            for k, v in items.items()
+        }
+    results = {}
+    for is_packed, collator in ((False, unpacked), (True, packed)):
+        batch = collator(items[is_packed])
+        assert ("segment_ids" in batch) is is_packed and "cross_attention_mask" in batch
+        module = _module(model, method, sft_on_prompt=True, rpo_alpha=0.5, packed=is_packed)
+        module.train(method != "sft")  # SFT's validation loss: it compares both answers
+        model.eval()
+        model.zero_grad()
+        loss, metrics = module.compute_loss(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[is_packed] = (loss.detach(), metrics, grads)
+    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = results[False], results[True]
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=0)
+    assert packed_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        torch.testing.assert_close(packed_metrics[key], value, atol=1e-5, rtol=0, msg=key)
+    assert packed_grads.keys() == grads.keys()
+    assert grads[next(n for n in grads if "multi_modal_projector" in n)].abs().max() > 0  # the image counts
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_closed_set_scores_with_an_image_equal_the_training_forward(tiny: Path, tmp_path: Path) -> None:

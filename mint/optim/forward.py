@@ -161,7 +161,6 @@ def packed_logps(
     vocabulary it would otherwise cost more than the rest of the model (`logits_at`).
     """
     if "segment_ids" not in batch:
-        # e.g. an image student's batches: its cross-attention inputs have no packed layout yet
         raise ValueError(
             "optim.packed=true needs packed batches (mint.pairs.packed.PackedPreferenceCollator); "
             "this batch is unpacked: set optim.packed=false for this student"
@@ -176,23 +175,25 @@ def packed_logps(
     nll_target = is_chosen
     if sft_on_prompt:
         not_first = torch.arange(length, device=targets.device)[None, :] > 0
-        nll_target = nll_target | ((segment_ids == PROMPT) & not_first)
+        # An id past the output vocabulary (Mllama's <|image|>) has no logit: no target (as `sft_labels`).
+        predictable = targets < output_vocab_size(model)
+        nll_target = nll_target | ((segment_ids == PROMPT) & not_first & predictable)
     needed = is_chosen | is_rejected | nll_target  # positions whose token's log-prob is used
 
     source = _predictor_index(segment_ids, prompt_lengths)
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
     keep = torch.zeros_like(needed)
     keep[rows[needed], source[needed]] = True  # the predictors: the only positions given logits
-    kept = logits_at(
-        model,
-        dict(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_mask_for(model, segment_ids),
-            position_ids=batch["position_ids"],
-        ),
-        keep,
-        trunk=packed_trunk(batch),
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask_for(model, segment_ids),
+        position_ids=batch["position_ids"],
     )
+    if "pixel_values" in batch:  # an image student's batch (mint.pairs.vision.PackedVisionCollator)
+        from mint.student.vision import image_batch_inputs  # that module builds on this one
+
+        inputs |= image_batch_inputs(model, batch)
+    kept = logits_at(model, inputs, keep, trunk=packed_trunk(batch))
     # log p(token | predictor) = logit of the token - logsumexp at the predictor, per needed position.
     kept_row = kept.index[rows[needed], source[needed]]
     logps = kept.logps(kept_row, targets[needed])
@@ -209,6 +210,22 @@ def packed_logps(
         nll_sum=-torch.where(nll_target, token_logps, zero).sum(),
         nll_count=nll_target.sum(),
     )
+
+
+# The per-position tensors [B, T, ...] a packed batch may carry: PackedPreferenceCollator's, an image
+# collator's cross-attention mask, TrunkCollator's states.
+POSITION_KEYS = ("input_ids", "segment_ids", "position_ids", "cross_attention_mask", "trunk_states")
+
+
+def without_rejected(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch cut to [prompt, chosen]: all that SFT trains on (unpacked, it runs the chosen
+    rows only). The rejected tokens end each row, so the rows are cut after the longest prompt +
+    chosen and the rejected tokens before that become padding."""
+    segment_ids = batch["segment_ids"]
+    length = int(((segment_ids == PROMPT) | (segment_ids == CHOSEN)).sum(-1).max())
+    cut = {key: value[:, :length] if key in POSITION_KEYS else value for key, value in batch.items()}
+    cut["segment_ids"] = cut["segment_ids"].masked_fill(cut["segment_ids"] == REJECTED, PAD)
+    return cut
 
 
 # --------------------------------------------------------------------------- logits where needed

@@ -1,8 +1,8 @@
 """The preference LightningModule: one module for ORPO, DPO and SFT.
 
 Two batch layouts, chosen by `packed` (mint/optim/forward.py runs both):
-- packed (mint.pairs.packed): one row [prompt, chosen, rejected] per pair, the prompt
-  encoded once;
+- packed (mint.pairs.packed, and mint.pairs.vision's PackedVisionCollator for images): one row
+  [prompt, chosen, rejected] per pair, the prompt encoded once;
 - unpacked (mint.pairs.text, mint.pairs.vision): chosen and rejected sequences padded to one
   length and run as one forward of 2B rows by `forward`, the student kind's hook (an image
   student encodes each image once there). Labels are -100 on prompt and padding, so answer
@@ -26,6 +26,7 @@ from mint.optim.forward import (
     packed_logps,
     sides_logps,
     text_sides_logits,
+    without_rejected,
 )
 from mint.optim.losses import dpo_loss, orpo_loss
 
@@ -79,18 +80,20 @@ class PreferenceModule(L.LightningModule):
         return sums[:batch_size], sums[batch_size:], counts[:batch_size], counts[batch_size:], nll
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.method is Method.sft and self.training and not self.packed:
-            # SFT training needs only the chosen rows; its validation compares both.
-            # (Packed rows hold both answers; the rejected tail costs little next to the prompt.)
-            chosen_sum, chosen_n, nll = sides_logps(
-                self.model, batch, self.forward_sides, ("chosen",), self.sft_on_prompt
-            )
+        if self.method is Method.sft and self.training:
+            # SFT training needs only the chosen answers (its validation compares both): the chosen
+            # rows of an unpacked batch, the [prompt, chosen] part of a packed one.
+            if self.packed:
+                out = packed_logps(self.model, without_rejected(batch), sft_on_prompt=self.sft_on_prompt)
+                chosen_sum, chosen_n, nll = out.chosen_sum, out.chosen_count, out.nll
+            else:
+                chosen_sum, chosen_n, nll = sides_logps(
+                    self.model, batch, self.forward_sides, ("chosen",), self.sft_on_prompt
+                )
             return nll, {"nll_loss": nll.detach(), "logps/chosen": (chosen_sum / chosen_n).mean().detach()}
 
         chosen_sum, rejected_sum, chosen_n, rejected_n, nll = self._answer_logps(batch)
         chosen_mean, rejected_mean = chosen_sum / chosen_n, rejected_sum / rejected_n
-        if self.method is Method.sft and self.training:
-            return nll, {"nll_loss": nll.detach(), "logps/chosen": chosen_mean.mean().detach()}
 
         if self.method is Method.orpo:
             return orpo_loss(chosen_mean, rejected_mean, nll, self.beta)

@@ -44,8 +44,8 @@ class PackedPreferenceCollator:
         items = [as_item(p) for p in pairs]
         if "pixel_values" in items[0]:
             raise ValueError(
-                "image pairs need mint.pairs.vision.VisionPreferenceCollator: the packed layout "
-                "carries no cross-attention inputs"
+                "image pairs need mint.pairs.vision.PackedVisionCollator (or VisionPreferenceCollator, "
+                "unpacked): this collator carries no cross-attention inputs"
             )
         length = max(packed_length(it) for it in items)
         n = len(items)

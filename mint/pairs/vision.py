@@ -1,9 +1,11 @@
 """Image preference pairs for Llama-3.2-Vision (Mllama) students: encode and collate.
 
 `encode_vision_pair` turns an image plus a preference row into token ids and the processor's
-image tensors; `VisionPreferenceCollator` batches such pairs as the text collator does, plus
-the image tensors and one cross-attention mask (`image_inputs` documents the batch contract).
-The forward that consumes these batches is the vision student's (mint.student.vision).
+image tensors; `VisionPreferenceCollator` batches such pairs as the text collator does, and
+`PackedVisionCollator` as the packed one does (one row [prompt, chosen, rejected] per pair), each
+plus the image tensors and one cross-attention mask (`image_inputs` documents the batch contract).
+The forwards that consume these batches are in mint.optim.forward (packed) and
+mint.student.vision (unpacked).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mint.pairs.packed import PackedPreferenceCollator
 from mint.pairs.text import PreferenceCollator, as_item
 
-# The keys a VisionPreferenceCollator batch adds to the text batch.
+# The keys a VisionPreferenceCollator or PackedVisionCollator batch adds to the text batch.
 IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+# A VisionPair's fields beyond the token ids of a text pair.
+IMAGE_FIELDS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "image_position")
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,26 @@ class VisionPreferenceCollator:
     def __call__(self, pairs: Sequence[VisionPair | dict]) -> dict[str, torch.Tensor]:
         # Dicts are what mint.optim.reference.attach_reference_logps returns: a pair's fields
         # plus its reference log-probs, which the text collator passes through.
-        fields = [f.name for f in dataclasses.fields(VisionPair)]
         items = [as_item(p) for p in pairs]
         batch = self.text(items)
-        vision_pairs = [VisionPair(**{k: item[k] for k in fields}) for item in items]
-        return batch | image_inputs(vision_pairs, batch["chosen_input_ids"].shape[1])
+        return batch | image_inputs(
+            [_vision_pair(item) for item in items], batch["chosen_input_ids"].shape[1]
+        )
+
+
+class PackedVisionCollator(PackedPreferenceCollator):
+    """mint.pairs.packed's batch (one row [prompt, chosen, rejected] per pair: the prompt, and so
+    the image, once) plus `image_inputs` for the same rows. Every token from the image token on
+    sees the image, the rejected answer's too: it continues the same prompt."""
+
+    def __call__(self, pairs: Sequence[VisionPair | dict]) -> dict[str, torch.Tensor]:
+        items = [as_item(p) for p in pairs]
+        text = [{k: v for k, v in item.items() if k not in IMAGE_FIELDS} for item in items]
+        batch = super().__call__(text)
+        return batch | image_inputs([_vision_pair(item) for item in items], batch["input_ids"].shape[1])
+
+
+def _vision_pair(item: dict[str, Any]) -> VisionPair:
+    """A collator's item (a VisionPair's fields plus what a stage added: reference log-probs, a
+    trunk row) as the VisionPair it came from."""
+    return VisionPair(**{field.name: item[field.name] for field in dataclasses.fields(VisionPair)})

@@ -145,7 +145,7 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         rpo_alpha=o.rpo_alpha,
         init_from_sft=o.init_from_sft,
         sft_on_prompt=o.sft_on_prompt,
-        packed=o.packed and kind.can_pack,
+        packed=o.packed,
         batch_size=o.batch_size,
         eval_batch_size=o.eval_batch_size,
         warmup_ratio=o.warmup_ratio,

@@ -27,7 +27,7 @@ from mint.leakage import normalise_text
 from mint.optim.forward import SidesForward, text_sides_logits
 from mint.pairs.packed import PackedPreferenceCollator
 from mint.pairs.text import PreferenceCollator, TruncationReport, tokenize_preference_rows
-from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair
+from mint.pairs.vision import PackedVisionCollator, VisionPreferenceCollator, encode_vision_pair
 from mint.prefs.builder import PromptTemplate
 from mint.student.load import load_student
 from mint.student.vision import (
@@ -88,7 +88,6 @@ class TextStudent:
     """A causal LM that reads the sample's text."""
 
     modality = Modality.text
-    can_pack = True  # the packed [prompt, chosen, rejected] layout (mint.pairs.packed)
     sides_forward: SidesForward = staticmethod(text_sides_logits)
 
     def load(
@@ -170,7 +169,6 @@ class ImageStudent:
     """An image+text model (Mllama) that reads the sample's image and a fixed question."""
 
     modality = Modality.image
-    can_pack = False  # the packed layout does not carry cross-attention inputs yet
     sides_forward: SidesForward = staticmethod(image_sides_logits)
 
     def load(
@@ -224,7 +222,8 @@ class ImageStudent:
         return pairs, None
 
     def collator(self, processor: Any, packed: bool) -> Callable[[Sequence[Any]], dict[str, torch.Tensor]]:
-        return VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+        pad = processor.tokenizer.pad_token_id
+        return PackedVisionCollator(pad) if packed else VisionPreferenceCollator(pad)
 
     def label_scores(
         self,

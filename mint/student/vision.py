@@ -385,19 +385,16 @@ def image_sides_logits(
     so the image. A batch with cached trunk states (`chosen_trunk`, mint.optim.trunk) runs only the
     top layers, where the image enters, from them.
     """
-    missing = [key for key in IMAGE_KEYS if key not in batch]
-    if missing:
-        raise ValueError(f"an image student's batch lacks {missing}; use VisionPreferenceCollator")
     input_ids = torch.cat([batch[f"{side}_input_ids"] for side in sides])
     attention_mask = torch.cat([batch[f"{side}_attention_mask"] for side in sides])
-    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
-    # states hold images*tiles rows per pair, in batch order; the model groups them back by row.
+    image = image_batch_inputs(model, batch)
+    # The states hold images*tiles rows per pair, in batch order; the model groups them back by row.
     n = len(sides)
     inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        cross_attention_states=states.repeat(n, 1, 1),
-        cross_attention_mask=batch["cross_attention_mask"].repeat(n, 1, 1, 1),
+        cross_attention_states=image["cross_attention_states"].repeat(n, 1, 1),
+        cross_attention_mask=image["cross_attention_mask"].repeat(n, 1, 1, 1),
     )
     trunk = None
     if f"{sides[0]}_trunk" in batch:  # cached trunk states (mint.optim.trunk)
@@ -408,6 +405,18 @@ def image_sides_logits(
     if keep is not None:
         return logits_at(model, inputs, keep, trunk)
     return model(**inputs, use_cache=False).logits
+
+
+def image_batch_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The cross-attention inputs of a collated image batch, one per row: each image through the
+    vision tower and projector once (`image_states`), and the batch's cross-attention mask."""
+    missing = [key for key in IMAGE_KEYS if key not in batch]
+    if missing:
+        raise ValueError(
+            f"an image student's batch lacks {missing}; use an image collator (mint.pairs.vision)"
+        )
+    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
+    return {"cross_attention_states": states, "cross_attention_mask": batch["cross_attention_mask"]}
 
 
 def image_row_inputs(pairs: Sequence[VisionPair]) -> RowInputs:
