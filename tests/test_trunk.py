@@ -113,11 +113,14 @@ def test_trunk_is_cached_per_rows_base_and_layers(tmp_path, monkeypatch):
     assert len(builds) == 3
 
 
-def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, monkeypatch, packed):
     """An image task's prompt is the same for every row: the trunk build runs it once (a KV cache
-    the rows continue) and stores what each row alone would give, within 1e-5."""
+    the rows continue) and stores what each row alone would give, within 1e-5. Packed, the shared
+    part may run into the chosen answers (here a common header), which the rejected ones must not see."""
     import random
 
+    from mint.optim.forward import attention_mask_for
     from mint.optim.trunk import trunk_states
     from mint.pairs.text import TokenizedPair
 
@@ -126,14 +129,29 @@ def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, m
     monkeypatch.setattr(mint.optim.trunk, "shared_prefix_states", lambda *a: runs.append(a[3]) or real(*a))
     rng = random.Random(18)
     prompt = [rng.randrange(1, VOCAB) for _ in range(24)]
-    answer = lambda: [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]  # noqa: E731
+    header = [rng.randrange(1, VOCAB) for _ in range(3)]
+    answer = lambda: header + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]  # noqa: E731
     pairs = [TokenizedPair(prompt, answer(), answer()) for _ in range(5)]
     model = partial_lora_llama()
     model.eval()
-    inner = PreferenceCollator(PAD)
+    inner = PackedPreferenceCollator(PAD) if packed else PreferenceCollator(PAD)
     trunk = cached_trunk(model, pairs, inner, top_layers=TOP, batch_size=2, cache_dir=tmp_path, base={})
-    assert runs and min(runs) >= len(prompt)  # every batch ran the prompt once
+    # every batch ran the prompt once (and the chosen answers' header with it)
+    assert runs and min(runs) == len(prompt) + len(header)
     for index, pair in enumerate(pairs):
+        if packed:
+            row = PackedPreferenceCollator(PAD)([pair])
+            alone = trunk_states(
+                model,
+                LAYERS - TOP,
+                dict(
+                    input_ids=row["input_ids"],
+                    attention_mask=attention_mask_for(model, row["segment_ids"]),
+                    position_ids=row["position_ids"],
+                ),
+            )
+            torch.testing.assert_close(trunk.sequence(index), alone[0], atol=1e-5, rtol=0)
+            continue
         for side, sequence in (("chosen", 2 * index), ("rejected", 2 * index + 1)):
             ids = torch.tensor([pair.prompt_ids + getattr(pair, f"{side}_ids")])
             alone = trunk_states(

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from mint.cache import cached
 from mint.eval.ranking import expanded_cache
-from mint.pairs.packed import PackedPreferenceCollator, packed_length
+from mint.pairs.packed import CHOSEN, PROMPT, PackedPreferenceCollator, packed_length
 from mint.pairs.text import as_item
 
 log = logging.getLogger("mint.trunk")
@@ -212,10 +212,11 @@ def trunk_states(
 MIN_SHARED_PREFIX = 16
 
 
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """How many leading columns hold the same real token in every row (right-padded rows), leaving
-    each row at least one token of its own."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+def shared_prefix_length(input_ids: torch.Tensor, causal: torch.Tensor) -> int:
+    """How many leading columns hold the same token in every row, each in the rows' plainly causal
+    part (`causal` [B, T]: an unpacked row's real tokens; a packed row's prompt and chosen answer,
+    before the rejected answer that restarts the positions), leaving each row a token of its own."""
+    same = (input_ids == input_ids[:1]).all(0) & causal.all(0)
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 
 
@@ -223,19 +224,21 @@ def shared_prefix_states(
     model: torch.nn.Module, start: int, inputs: dict[str, Any], shared: int
 ) -> torch.Tensor:
     """`trunk_states` of right-padded rows whose first `shared` tokens are the same: those run once,
-    with a KV cache that every row's own tokens then continue (views of it, no copy)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with a KV cache that every row's own tokens then continue (views of it, no copy). A packed
+    batch's 4D mask gives the rest its rows of it: every key, the shared ones included."""
+    ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs.get("position_ids")
     prefix_cache = DynamicCache()
     head = trunk_states(
-        model, start, {"input_ids": ids[:1, :shared], "attention_mask": mask[:1, :shared]}, prefix_cache
-    )
-    rows = ids.shape[0]
-    tail = trunk_states(
         model,
         start,
-        {"input_ids": ids[:, shared:], "attention_mask": mask},
-        expanded_cache(prefix_cache, rows),
+        {"input_ids": ids[:1, :shared], "attention_mask": torch.ones_like(ids[:1, :shared])},
+        prefix_cache,
     )
+    rest = {"input_ids": ids[:, shared:], "attention_mask": mask[:, :, shared:] if mask.ndim == 4 else mask}
+    if positions is not None:
+        rest["position_ids"] = positions[:, shared:]
+    rows = ids.shape[0]
+    tail = trunk_states(model, start, rest, expanded_cache(prefix_cache, rows))
     return torch.cat([head.expand(rows, -1, -1), tail], dim=1)
 
 
@@ -375,6 +378,7 @@ def build_trunk(
                     input_ids=batch["input_ids"],
                     attention_mask=attention_mask_for(model, batch["segment_ids"]),
                     position_ids=batch["position_ids"],
+                    segment_ids=batch["segment_ids"],  # for write_trunk's shared prefix; no model input
                 )
                 yield inputs, indices
             else:
@@ -401,7 +405,8 @@ def write_trunk(
     """Write the trunk states of sequences of `lengths` into `folder` (the `Trunk` layout).
 
     `batches`: `total` pairs of (model inputs of right-padded rows, the sequence index of each
-    row). Unpacked rows that start with a long common prefix run it once (`shared_prefix_states`).
+    row); packed rows' inputs also carry their `segment_ids`. Rows that start with a long common
+    prefix run it once (`shared_prefix_states`).
     """
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     hidden = causal_lm(model).config.get_text_config().hidden_size
@@ -415,7 +420,16 @@ def write_trunk(
     device = next(model.parameters()).device
     for inputs, sequences in tqdm(batches, desc="trunk states", unit="batch", total=total):
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        shared = 0 if packed else shared_prefix_length(inputs["input_ids"], inputs["attention_mask"])
+        segment_ids = inputs.pop("segment_ids", None)
+        shared = 0
+        if not packed:
+            shared = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"].bool())
+        elif segment_ids is not None and isinstance(inputs["attention_mask"], torch.Tensor):
+            # Pairs: the prompt and chosen answer are causal. (A ranking row carries no segment ids:
+            # its candidates restart the positions; a FlexAttention BlockMask has no rows to cut.)
+            shared = shared_prefix_length(
+                inputs["input_ids"], (segment_ids == PROMPT) | (segment_ids == CHOSEN)
+            )
         if shared >= MIN_SHARED_PREFIX:
             out = shared_prefix_states(model, start, inputs, shared)
         else:
