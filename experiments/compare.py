@@ -21,7 +21,7 @@ What it does:
    descriptions or pretraining), a reference line beside the multimodal teacher;
 4. reads every run's results.json and writes into the output folder:
    comparison.md, comparison.csv (per method; with the minutes one run takes, from each run's
-   `time/run_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed,
+   `time/total_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed,
    with where a run's time went: trunk_min, reference_min, fit_min, generate_min, rank_min),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
    comparison_paired.csv (orpo minus each method on the same test cases, paired bootstrap CI),
@@ -119,7 +119,7 @@ class RunResult:
     seed: int
     values: dict[str, float]  # metric -> value, plus metric_ci_low / metric_ci_high when known
     folder: Path
-    # The run's own wall time (results.json `time/run_s`); None for a teacher row read out of a
+    # The run's own wall time (results.json `time/total_s`, else `time/run_s`); None for a teacher row read out of a
     # student run (its time is that run's) and for runs made before the time was recorded.
     minutes: float | None = None
     # Where a student run's time went (STAGE_TIMES' columns), as far as its results.json says.
@@ -246,7 +246,8 @@ def _values(results: dict, prefix: str, metrics: tuple[str, ...]) -> dict[str, f
 
 
 def _minutes(results: dict) -> float | None:
-    seconds = results.get("time/run_s")
+    # The run's total over its invocations; a record from before time/total_s existed has its last one's.
+    seconds = results.get("time/total_s", results.get("time/run_s"))
     return None if seconds is None else float(seconds) / 60
 
 
@@ -498,7 +499,8 @@ def markdown(
         lines += [
             "",
             f"Compute: {len(timed)} runs took {_duration(sum(timed))} in all (each run's own wall time,"
-            " `time/run_s`; min/run is its mean over seeds; a resumed run counts from its resumption)"
+            " `time/total_s`: its invocations that finished, a re-evaluation's included; min/run is its"
+            " mean over seeds; a record without it gives `time/run_s`, its last invocation's)"
             + (f"; {untimed} runs recorded no time." if untimed else "."),
         ]
     students = [r for r in summary if r["kind"] == "student" and "top1_std" in r]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from mint.config import Method, Stage, check_config, register_configs
 from mint.errors import report
+from mint.files import read_json
 from mint.leakage import check_task_splits
 from mint.report import headline, markdown_table, scrub_job_start, write_metrics, write_results
 from mint.stages.evaluate import eval_stage, val_ranking
@@ -43,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir, stage, method = Path(cfg.paths.output_dir), Stage(cfg.stage), Method(cfg.optim.method)
     pipeline = is_pipeline_task(cfg.task)
     results: dict[str, Any] = {}
+    resumed = False  # did the student continue this folder's earlier run (resume=true)?
     if pipeline:
         task = load_task(cfg.task)
         check_task_splits(task, kind.student_input)  # no held-out input under a train id
@@ -68,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if stage in (Stage.all, Stage.student):
         check_rows(rows, batch_size=cfg.optim.batch_size, objective=cfg.objective)
         job = student_job(cfg, kind)
+        resumed = job.resume and job.ckpt_path is not None
         if job.starts_from_sft:  # the paper's DPO: SFT first (cached), then DPO from its adapter
             job = job.starting_from(sft_start(job, rows, run_dir))
             results["sft_start/adapter"] = job.student.adapter_path
@@ -90,13 +93,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finally:
             close_loggers(loggers)
 
-    # This process's wall time (a resumed run: since it resumed); the comparison reports it per method.
+    # This process's wall time (a resumed run: since it resumed), and the run's over every invocation
+    # that wrote its results here (a re-evaluation, a resumption after a finished run): the
+    # comparison reports the total. An invocation killed before its end leaves no time to add.
     results["time/run_s"] = round(time.time() - started, 1)
+    results["time/total_s"] = round(results["time/run_s"] + (earlier_time(run_dir) if resumed else 0.0), 1)
     flat = write_results(run_dir, results, title=f"MINT run {cfg.run_name}")
     log.info("results in %s\n%s", run_dir, markdown_table(headline(flat)))
     # A misspelt objective fails here, naming the keys there are, with the run's work kept above.
     objective_value(flat, cfg.objective, stage)
     return flat
+
+
+def earlier_time(run_dir: Path) -> float:
+    """The total wall time the folder's earlier invocations recorded (results.json), or 0."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return 0.0
+    earlier = read_json(path)
+    return float(earlier.get("time/total_s", earlier.get("time/run_s", 0.0)))
 
 
 # Generation metrics on the validation split: measured only with task.eval.on_val=true.

@@ -342,6 +342,9 @@ def test_resume_from_a_mid_run_checkpoint_trains_only_the_remaining_steps_and_ma
     assert trained == []
     assert again["train/steps"] == 12
     assert again["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
+    # Its time: this invocation's, and the run's total over both (what a comparison table reports).
+    assert full["time/total_s"] == full["time/run_s"] and resumed["time/total_s"] == resumed["time/run_s"]
+    assert again["time/total_s"] == pytest.approx(full["time/total_s"] + again["time/run_s"], abs=0.11)
 
 
 def test_any_local_llama_folder_as_student(make_cfg, tmp_path, prefs_path):
