@@ -15,7 +15,7 @@ What it does:
    ORPO on pairs ranked by the unimodal teacher, SFT on the true label alone, ORPO with the
    truth forced into `chosen`, and DPO with an NLL term (rpo_alpha) from the SFT start (the
    paper's DPO start) and from the base (ORPO's start: the same number of steps), and ORPO at
-   twice the comparison's steps (the budget of DPO + NLL with its SFT start);
+   twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT at that budget;
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
@@ -109,6 +109,8 @@ ABLATIONS = {
     ),
     # ORPO given dpo_rpo's budget: its SFT start's steps plus its own.
     "orpo_2x": Ablation("orpo, twice the steps (dpo_rpo's budget)", "orpo", steps_factor=2),
+    # SFT given the same budget: is ORPO-600 above SFT at equal steps?
+    "sft_2x": Ablation("sft, twice the steps", "sft", steps_factor=2),
 }
 
 
