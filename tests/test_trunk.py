@@ -113,6 +113,19 @@ def test_trunk_is_cached_per_rows_base_and_layers(tmp_path, monkeypatch):
     assert len(builds) == 3
 
 
+def packed_trunk_states(model, batch):
+    """The trunk states of a packed batch's rows, run directly (no cache, no shared prefix)."""
+    from mint.optim.forward import attention_mask_for
+    from mint.optim.trunk import trunk_states
+
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask_for(model, batch["segment_ids"]),
+        position_ids=batch["position_ids"],
+    )
+    return trunk_states(model, LAYERS - TOP, inputs)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, monkeypatch, packed):
     """An image task's prompt is the same for every row: the trunk build runs it once (a KV cache
@@ -120,7 +133,6 @@ def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, m
     part may run into the chosen answers (here a common header), which the rejected ones must not see."""
     import random
 
-    from mint.optim.forward import attention_mask_for
     from mint.optim.trunk import trunk_states
     from mint.pairs.text import TokenizedPair
 
@@ -140,16 +152,7 @@ def test_rows_with_one_prompt_run_it_once_and_keep_every_rows_states(tmp_path, m
     assert runs and min(runs) == len(prompt) + len(header)
     for index, pair in enumerate(pairs):
         if packed:
-            row = PackedPreferenceCollator(PAD)([pair])
-            alone = trunk_states(
-                model,
-                LAYERS - TOP,
-                dict(
-                    input_ids=row["input_ids"],
-                    attention_mask=attention_mask_for(model, row["segment_ids"]),
-                    position_ids=row["position_ids"],
-                ),
-            )
+            alone = packed_trunk_states(model, PackedPreferenceCollator(PAD)([pair]))
             torch.testing.assert_close(trunk.sequence(index), alone[0], atol=1e-5, rtol=0)
             continue
         for side, sequence in (("chosen", 2 * index), ("rejected", 2 * index + 1)):
@@ -167,18 +170,7 @@ def test_bfloat16_trunk_round_trips(tmp_path):
     assert trunk.states.dtype == np.uint16 and trunk.dtype == torch.bfloat16
     batch = collated = TrunkCollator(inner, trunk)(with_trunk_rows(pairs))
     assert collated["trunk_states"].dtype == torch.bfloat16
-    from mint.optim.forward import attention_mask_for
-    from mint.optim.trunk import trunk_states
-
-    direct = trunk_states(
-        model,
-        LAYERS - TOP,
-        dict(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_mask_for(model, batch["segment_ids"]),
-            position_ids=batch["position_ids"],
-        ),
-    )
+    direct = packed_trunk_states(model, batch)
     real = batch["segment_ids"] != 0
     assert torch.equal(collated["trunk_states"][real], direct[real])
 
