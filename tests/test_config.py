@@ -129,3 +129,16 @@ def test_the_main_job_is_the_tissue_task():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config")
     assert (cfg.task.name, cfg.optim.method, cfg.student.modality) == ("tissue", "orpo", "image")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_experiments_take_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    # Emulated bf16 (an AVX2 CPU) multiplies 20x slower than float32: the SmolLM2 CPU experiments
+    # then train in float32, and in bf16 where AVX512-BF16 or AMX makes it the faster choice.
+    monkeypatch.setattr("mint.config.cpu_computes_bf16", lambda: native)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for experiment in ("smollm2_tissue", "smollm2_rare_disease"):
+            cfg = _compose_resolved([f"experiment={experiment}"])
+            expected = ("bfloat16", "bf16-mixed") if native else ("float32", "32-true")
+            assert (cfg["student"]["dtype"], cfg["trainer"]["precision"]) == expected

@@ -153,6 +153,27 @@ def test_tissue_pipeline_trains_a_vision_student_on_image_only_prompts(make_cfg,
         assert (tmp_path / method / "sft_start" / "csv" / "metrics.csv").exists()
 
 
+def _train_losses(folder) -> list[float]:
+    with open(folder / "csv" / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def test_packing_is_a_layout_only_the_same_seed_trains_on_the_same_batches(make_cfg, tmp_path):
+    """Packed rows change the speed, not the run: by default they are drawn in the unpacked
+    layout's shuffled order, so every step's loss matches. Length-grouped batches
+    (optim.length_grouped=true) are other batches; on the tissue task, one pair per image of
+    near-equal lengths, they were also near-single-class and cost the tiny student
+    (README, "What make run does and prints")."""
+    common = ("task=tissue", "optim=orpo", "debug=smoke", "stage=student")
+    for name, packed in (("packed", "true"), ("unpacked", "false")):
+        run(make_cfg(*common, f"optim.packed={packed}", output_dir=tmp_path / name))
+    run(make_cfg(*common, "optim.length_grouped=true", output_dir=tmp_path / "grouped"))
+    packed, unpacked, grouped = (_train_losses(tmp_path / n) for n in ("packed", "unpacked", "grouped"))
+    assert len(packed) == len(unpacked) == 12
+    assert packed == pytest.approx(unpacked, abs=1e-4)
+    assert grouped != pytest.approx(unpacked, abs=1e-4)
+
+
 def test_tissue_prompts_carry_the_image_not_the_description(make_cfg, shared_cache, tmp_path):
     run(make_cfg("task=tissue", "debug=smoke", "stage=prefs", output_dir=tmp_path / "prefs"))
     entry = next(

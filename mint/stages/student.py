@@ -63,6 +63,7 @@ class MethodSettings:
     init_from_sft: bool  # DPO: start from (and take the reference from) a cached SFT adapter
     sft_on_prompt: bool  # NLL over prompt + chosen (TRL's ORPO) instead of chosen only
     packed: bool  # one [prompt, chosen, rejected] row per pair
+    length_grouped: bool  # packed: batches of similar lengths instead of a plain shuffle
     batch_size: int
     eval_batch_size: int
     warmup_ratio: float
@@ -146,6 +147,7 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         init_from_sft=o.init_from_sft,
         sft_on_prompt=o.sft_on_prompt,
         packed=o.packed,
+        length_grouped=o.length_grouped,
         batch_size=o.batch_size,
         eval_batch_size=o.eval_batch_size,
         warmup_ratio=o.warmup_ratio,
@@ -383,7 +385,7 @@ def fit_student(
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         seed=job.seed,
-        length_grouped=settings.packed,
+        length_grouped=settings.packed and settings.length_grouped,
     )
     callbacks = build_callbacks(
         job.callbacks,

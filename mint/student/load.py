@@ -154,12 +154,13 @@ def log_parameters(kind: str, source: Path, model: torch.nn.Module) -> None:
     # PeftModel forwards `num_parameters` to the wrapped transformers model, which counts 4-bit weights right.
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     log.info(
-        "%s %s: %d trainable / %d total parameters (%.2f%%)",
+        "%s %s: %d trainable / %d total parameters (%.2f%%), base in %s",
         kind,
         source,
         trainable,
         total,
         100 * trainable / total,
+        str(model.dtype).removeprefix("torch."),
     )
 
 
