@@ -11,11 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# 3 min on an AVX2 machine (2026-12-06), the longest test: in `make test-slow`, and run it (or
+# `make gpu-suite-tiny`) before a GPU session.
+@pytest.mark.slow
 def test_gpu_suite_tiny_runs_every_step(tmp_path):
     suite = load_experiment("gpu_suite")
     out = tmp_path / "out"
