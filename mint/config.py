@@ -420,7 +420,8 @@ def plain(node: Any) -> Any:
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without it PyTorch
-    emulates bf16: a matmul ran 20x slower than in float32 on an AVX2 EPYC (README, "bf16 on the CPU")."""
+    emulates bf16: a LoRA training step ran 37x slower than in float32 on an AVX2 EPYC
+    (experiments/README.md section 8; README, "Picking a pretrained student")."""
     import torch  # here, not at the top: composing a config needs no torch
 
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
