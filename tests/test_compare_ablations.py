@@ -194,19 +194,25 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
 
 @pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth"])
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
-    """At smoke size, through the real stages: the ablation's overrides change the rows."""
-    cfg = make_cfg(*SMOKE, *compare.ABLATIONS[ablation].overrides)
-    kind = student_kind(cfg)
-    task = load_task(cfg.task)
-    teacher, key = teacher_stage(cfg, task)
-    rows, _ = prefs_stage(cfg, kind, task, teacher, key)
-    first = [row["chosen"][0]["content"].splitlines()[1] for row in rows.train]
-    truth_first = [line == f"1. '{row['truth']}'" for line, row in zip(first, rows.train, strict=True)]
-    in_chosen = [row["truth"] in row["chosen"][0]["content"] for row in rows.train]
+    """At smoke size, through the real stages: the ablation's overrides change the rows, which
+    without them (MINT's own pairs) do not already have the property."""
+
+    def truth_in_chosen(*overrides: str) -> tuple[list[bool], list[bool]]:
+        """Per training row: is the truth the chosen list's first name; is it in the list."""
+        cfg = make_cfg(*SMOKE, *overrides)
+        task = load_task(cfg.task)
+        teacher, key = teacher_stage(cfg, task)
+        rows, _ = prefs_stage(cfg, student_kind(cfg), task, teacher, key)
+        first = [row["chosen"][0]["content"].splitlines()[1] for row in rows.train]
+        truth_first = [line == f"1. '{row['truth']}'" for line, row in zip(first, rows.train, strict=True)]
+        return truth_first, [row["truth"] in row["chosen"][0]["content"] for row in rows.train]
+
+    truth_first, in_chosen = truth_in_chosen(*compare.ABLATIONS[ablation].overrides)
+    mint_first, mint_in_chosen = truth_in_chosen()
     if ablation == "sft_truth":
-        assert all(truth_first)
-    else:
-        assert all(in_chosen) and not all(truth_first)  # the teacher's order, the truth added
+        assert all(truth_first) and not all(mint_first)
+    else:  # the teacher's order, the truth added where the teacher left it out
+        assert all(in_chosen) and not all(mint_in_chosen) and not all(truth_first)
 
 
 def _run_with_predictions(runs_dir: Path, method: str, seed: int, hits: list[int]) -> None:

@@ -54,7 +54,6 @@ def test_every_config_combination_composes_and_resolves():
         for overrides in independent:
             trainer = _compose_resolved(overrides)["trainer"]
             assert trainer["max_steps"] > 0 or trainer["max_epochs"] > 0  # the paper's runs count epochs
-    assert len(interacting) == len(tasks) * len(students) * (len(optims) + len(quants) - 1)
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,7 @@ def test_random_batch_never_exceeds_max_length_nor_empties_an_answer(
         )
     pairs, report = tokenize(rows, chatml_tok, max_length=max_length, max_prompt_length=max_prompt_length)
     assert report.kept == len(pairs) and report.kept + report.dropped == report.total == len(rows)
+    assert report.kept > 0  # truncation keeps pairs (the checks below would pass on none)
     for pair in pairs:
         assert pair.chosen_ids and pair.rejected_ids and pair.chosen_ids != pair.rejected_ids
         assert len(pair.prompt_ids) + len(pair.chosen_ids) <= max_length

@@ -48,6 +48,8 @@ from mint.student import load_student
 from mint.student.kinds import KINDS
 from mint.student.tiny import train_tokenizer
 from mint.teacher.crossfit import load_state_dict
+from tests.conftest import compose_cfg
+from tests.test_run import recorded_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
@@ -105,7 +107,8 @@ class Notify(L.Callback):
 
 def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, marker: Path, every: int = 4) -> list[str]:
     """The command line of a 12-step ORPO run (checkpoints every `every` steps) that `StallOnce`
-    holds at step 10; the cache is the session's, where the in-process reference run finds its
+    holds at step 10, each finished step appended to log_dir/steps.txt (`RecordSteps`, across the
+    run and its rerun); the cache is the session's, where the in-process reference run finds its
     student."""
     return [
         *SMOKE,
@@ -119,12 +122,22 @@ def _stalling_run(run_dir: Path, log_dir: Path, cache: Path, marker: Path, every
         "+callbacks.stall._target_=tests.test_reliability.StallOnce",
         "+callbacks.stall.at_step=10",
         f"+callbacks.stall.marker={marker}",
+        "+callbacks.record_steps._target_=tests.test_run.RecordSteps",
+        f"+callbacks.record_steps.path={log_dir / 'steps.txt'}",
     ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_cache) -> dict:
+    """The results of `_stalling_run`'s job run in-process and never stopped: what a resumed run
+    must end like (shared by the kill -9 and the SIGTERM test)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return run(compose_cfg([*SMOKE, "optim=orpo"], root=root, output_dir=root / "run", cache=shared_cache))
 
 
 # --- 1. kill -9 during student training, then resume=true ----------------------------
 def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
-    make_cfg, tmp_path, shared_cache
+    tmp_path, shared_cache, uninterrupted
 ):
     """SIGKILL after the step-8 checkpoint; the same command + resume=true finishes from it.
 
@@ -156,8 +169,10 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     assert rerun.returncode == 0, output[-3000:]
     assert "resume=true: continuing from" in output and str(checkpoints / "last.ckpt") in output
     resumed = json.loads((run_dir / "results.json").read_text())
-
-    full = run(make_cfg(*SMOKE, "optim=orpo", output_dir=tmp_path / "full"))
+    # Steps 1-10 before the kill (9 and 10 lost with it), then 9-12 from the step-8 checkpoint:
+    # a rerun that started over would train 1-12 again and, seeded, end the same.
+    assert recorded_steps(tmp_path / "steps.txt") == [*range(1, 11), *range(9, 13)]
+    full = uninterrupted
     assert resumed["train/steps"] == full["train/steps"] == 12
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
@@ -545,7 +560,7 @@ def test_non_finite_training_stops_clearly_and_keeps_the_last_good_checkpoint(ma
 
 
 def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_an_uninterrupted_run(
-    make_cfg, tmp_path, shared_cache
+    tmp_path, shared_cache, uninterrupted
 ):
     """SIGTERM (SLURM's warning before preemption) during step 10 of 12, before any periodic
     checkpoint (every 12 steps): the run writes last.ckpt after that step and exits with status
@@ -577,7 +592,9 @@ def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_a
     resumed = json.loads((run_dir / "results.json").read_text())
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step12.ckpt"]
     assert torch.load(last, weights_only=True)["global_step"] == 12
-    full = run(make_cfg(*SMOKE, "optim=orpo", output_dir=tmp_path / "full"))
+    # Steps 1-11 before the stop, then only step 12: the rerun trained from the step-11 checkpoint.
+    assert recorded_steps(tmp_path / "steps.txt") == list(range(1, 13))
+    full = uninterrupted
     assert resumed["train/steps"] == full["train/steps"] == 12
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
     assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]

@@ -80,6 +80,7 @@ def test_trunk_cache_gives_the_loss_and_gradients_of_the_full_model(tmp_path, pa
         items = attach_reference_logps(model, items, collator, batch_size=4)
         for a, b in zip(items, full_ref, strict=True):
             assert abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) < 1e-5
+            assert abs(a["ref_rejected_logps"] - b["ref_rejected_logps"]) < 1e-5
         # a reference other than the policy, so the DPO loss has a gradient worth comparing
         items = [
             {**it, **r}

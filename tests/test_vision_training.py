@@ -178,7 +178,8 @@ def test_image_token_is_no_sft_target_and_packed_images_are_refused(tiny: Path, 
 def test_packed_image_pairs_give_the_unpacked_loss_and_gradients(tiny: Path, tmp_path: Path, method) -> None:
     """One row [prompt, chosen, rejected] per image pair (PackedVisionCollator): the method's loss,
     its metrics, DPO's reference log-probs and every trained weight's gradient (LoRA, cross-attention,
-    projector, vision tower) equal those of the two unpacked rows, within 1e-5 in float32."""
+    projector; the random vision tower is frozen here, as by default) equal those of the two unpacked
+    rows, within 1e-5 in float32."""
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
     model, processor = load_vision_student(str(tiny), cache_dir=str(tmp_path), lora=lora)
     model.eval()  # no dropout: both layouts see the same function
