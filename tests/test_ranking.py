@@ -65,7 +65,14 @@ def test_a_header_every_candidate_starts_with_is_scored_once_and_counted(batch_s
     prompt = list(range(2, 40))
     header = [7, 8, 9, 10]
     cands = [header + c for c in candidates(9, seed=3)] + [header[:3]]  # one is the header's start
+    seen: list[tuple[int, ...]] = []  # the shape of every input the model embeds
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     cached = score_candidates(model, TOKENIZER, prompt, cands, batch_size=batch_size)
+    hook.remove()
+    # Shared: header[:2] (the 3-token candidate keeps its last token as its own). One forward for
+    # the prompt and those 2 tokens, then each batch of candidates without them.
+    chunks = [cands[i : i + batch_size] for i in range(0, len(cands), batch_size)]
+    assert seen == [(1, len(prompt) + 2), *((len(c), max(map(len, c)) - 2) for c in chunks)]
     full = score_candidates_full(model, TOKENIZER, prompt, cands, batch_size=5)
     torch.testing.assert_close(cached.summed, full.summed, atol=1e-4, rtol=0)
     torch.testing.assert_close(cached.mean, full.mean, atol=1e-4, rtol=0)
