@@ -172,10 +172,9 @@ def test_kill_9_during_training_then_resume_true_ends_like_an_uninterrupted_run(
     # Steps 1-10 before the kill (9 and 10 lost with it), then 9-12 from the step-8 checkpoint:
     # a rerun that started over would train 1-12 again and, seeded, end the same.
     assert recorded_steps(tmp_path / "steps.txt") == [*range(1, 11), *range(9, 13)]
-    full = uninterrupted
-    assert resumed["train/steps"] == full["train/steps"] == 12
-    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
-    assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
+    assert resumed["train/steps"] == uninterrupted["train/steps"] == 12
+    assert resumed["val/loss"] == pytest.approx(uninterrupted["val/loss"], abs=1e-5)
+    assert resumed["val/rewards/accuracies"] == uninterrupted["val/rewards/accuracies"]
 
 
 class _KilledHere(BaseException):
@@ -594,10 +593,9 @@ def test_sigterm_during_training_writes_a_checkpoint_and_resume_true_ends_like_a
     assert torch.load(last, weights_only=True)["global_step"] == 12
     # Steps 1-11 before the stop, then only step 12: the rerun trained from the step-11 checkpoint.
     assert recorded_steps(tmp_path / "steps.txt") == list(range(1, 13))
-    full = uninterrupted
-    assert resumed["train/steps"] == full["train/steps"] == 12
-    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-5)
-    assert resumed["val/rewards/accuracies"] == full["val/rewards/accuracies"]
+    assert resumed["train/steps"] == uninterrupted["train/steps"] == 12
+    assert resumed["val/loss"] == pytest.approx(uninterrupted["val/loss"], abs=1e-5)
+    assert resumed["val/rewards/accuracies"] == uninterrupted["val/rewards/accuracies"]
 
 
 # --- data too small, tasks that cannot serve the run, files that are not UTF-8 JSON lines -------
