@@ -51,15 +51,17 @@ def note_states(
 def probe(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, l2: float
 ) -> tuple[float, float]:
-    """(train top-1, test top-1) of an L2-regularised multinomial logistic regression."""
+    """(train fit, test top-1) of an L2-regularised multinomial logistic regression. `y_train` is
+    [N] class indices, or [N, C] class probabilities (a soft target; fit: its argmax reproduced)."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xtr = torch.tensor((x_train - mean) / std)
     xte = torch.tensor((x_test - mean) / std)
-    classes = int(max(y_train.max(), y_test.max())) + 1
+    soft = y_train.ndim == 2
+    classes = y_train.shape[1] if soft else int(max(y_train.max(), y_test.max())) + 1
     weight = torch.zeros(xtr.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
-    target = torch.tensor(y_train)
+    target = torch.tensor(y_train, dtype=xtr.dtype) if soft else torch.tensor(y_train)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -69,7 +71,9 @@ def probe(
 
     optimizer.step(closure)
     with torch.no_grad():
-        train_hits = ((xtr @ weight + bias).argmax(1).numpy() == y_train).mean()
+        train_hits = (
+            (xtr @ weight + bias).argmax(1).numpy() == (y_train.argmax(1) if soft else y_train)
+        ).mean()
         test_hits = ((xte @ weight + bias).argmax(1).numpy() == y_test).mean()
     return float(train_hits), float(test_hits)
 
