@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,8 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from mint.config import register_configs  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
 register_configs()
 
 
@@ -27,6 +31,37 @@ register_configs()
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One stage cache for the session, so a tiny student is built once per corpus."""
     return tmp_path_factory.mktemp("cache")
+
+
+@dataclass
+class DefaultJob:
+    run_dir: Path  # Hydra's run dir: results.json, .hydra/, student/, eval/, csv/
+    printed: str  # what the command wrote to the terminal (stdout and stderr)
+
+
+@pytest.fixture(scope="session")
+def default_job(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> DefaultJob:
+    """`python -m mint.run debug=smoke` as a user types it (task=tissue, ORPO: the main job at smoke
+    size), run once for the session: the CLI, pipeline and export tests all read this one run."""
+    out = tmp_path_factory.mktemp("default_job")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mint.run",
+            "debug=smoke",
+            f"hydra.run.dir={out}/run",
+            f"paths.log_dir={out}",
+            f"paths.cache_dir={shared_cache}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return DefaultJob(out / "run", proc.stdout + proc.stderr)
 
 
 def compose_cfg(overrides: list[str], *, root: Path, output_dir: Path, cache: Path) -> DictConfig:

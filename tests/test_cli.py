@@ -54,15 +54,9 @@ def text_run(tmp_path_factory, shared_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vision_run(tmp_path_factory, shared_cache) -> Path:
-    """`mint debug=smoke`: the default job (tissue, tiny Mllama student) at smoke size, through the command."""
-    out = tmp_path_factory.mktemp("vision_run")
-    proc = mint_command(
-        "debug=smoke", f"hydra.run.dir={out}/run", f"paths.log_dir={out}", f"paths.cache_dir={shared_cache}"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "results in" in proc.stderr + proc.stdout
-    return out / "run"
+def vision_run(default_job) -> Path:
+    """The default job (tissue, tiny Mllama student) at smoke size: conftest's one run of it."""
+    return default_job.run_dir
 
 
 def test_pyproject_declares_the_mint_command():
@@ -103,9 +97,24 @@ def test_shell_completion_goes_through_hydra():
 
 
 def test_mint_runs_the_default_job_like_python_m_mint_run(vision_run):
+    """`mint ARGS` is `python -m mint.run ARGS`: the same job composed from the same overrides (the
+    job itself ran once, through `python -m mint.run`, in conftest's default_job)."""
+    args = ("--cfg", "job", "debug=smoke", "seed=3")
+    through_mint = mint_command(*args)
+    through_module = subprocess.run(
+        [sys.executable, "-m", "mint.run", *args],
+        cwd="/",
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert through_mint.returncode == 0 == through_module.returncode, through_mint.stderr[-2000:]
+    job = OmegaConf.create(through_mint.stdout)
+    assert job.task.name == "tissue" and job.optim.method == "orpo" and job.seed == 3
+    assert through_mint.stdout == through_module.stdout
     results = json.loads((vision_run / "results.json").read_text())
     assert {"teacher/test/top1", "test/top1", "test/format_valid"} <= results.keys()
-    assert (vision_run / ".hydra" / "config.yaml").exists()
     assert (vision_run / "student" / "adapter" / "adapter_config.json").exists()
 
 

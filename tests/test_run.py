@@ -5,10 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +23,6 @@ from mint.run import run
 from mint.stages.student import student_job
 from mint.student.kinds import KINDS
 
-ROOT = Path(__file__).resolve().parents[1]
 TRL_METRICS = [
     "rewards/chosen",
     "rewards/rejected",
@@ -243,37 +239,19 @@ def test_missing_dataset_is_a_clear_error_and_writes_nothing(make_cfg, tmp_path)
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
 
 
-def test_cli_entry_point_runs_the_default_job(tmp_path, shared_cache):
+def test_cli_entry_point_runs_the_default_job(default_job):
     """`python -m mint.run` as a user types it: the main job (task=tissue, ORPO) at smoke size, in
     Hydra's run dir, every stage, the headline metrics printed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mint.run",
-            "debug=smoke",
-            f"hydra.run.dir={tmp_path}/run",
-            f"paths.log_dir={tmp_path}",
-            f"paths.cache_dir={shared_cache}",  # the tissue pipeline test's teacher, when it ran first
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    run_dir = default_job.run_dir
+    results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 12
     assert {"teacher/test/top1", "test/top1", "test/format_valid"} <= results.keys()
     # where the time went, for a user sizing a run
     assert all(results[f"time/{part}_s"] > 0 for part in ("student/fit", "test/generate", "test/rank"))
     assert results["time/run_s"] > results["time/student_s"] > results["time/student/fit_s"]
-    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
-    assert (tmp_path / "run" / "eval" / "predictions.jsonl").exists()
-    printed = proc.stderr + proc.stdout
-    assert "results in" in printed and "test/top1" in printed
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "eval" / "predictions.jsonl").exists()
+    assert "results in" in default_job.printed and "test/top1" in default_job.printed
 
 
 class RecordSteps(L.Callback):
