@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
+from omegaconf import OmegaConf
 
 from mint.optim.forward import answer_logps
 from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
@@ -235,3 +236,29 @@ def test_generate_from_processor_inputs(tiny: Path, tmp_path: Path) -> None:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     assert new.shape == (2, 4) and (new < model.config.text_config.vocab_size).all()
+
+
+def test_the_wide_tower_student_config_builds_the_tower_it_names(tmp_path: Path) -> None:
+    """student=tiny_mllama_tower128: 8-pixel patches (64 per 64x64 image), width 128, 4 layers, frozen
+    under LoRA, and an image reaches the text as one state per patch (plus the class token)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import ROOT
+
+    node = OmegaConf.load(ROOT / "conf" / "student" / "tiny_mllama_tower128.yaml")
+    base = OmegaConf.load(ROOT / "conf" / "student" / "tiny_mllama.yaml")
+    build = instantiate(OmegaConf.merge(base.build, node.build))
+    model, processor = load_vision_student(
+        None, cache_dir=str(tmp_path), build=build, corpus=CORPUS, lora=LORA
+    )
+    vision = model.get_base_model().config.vision_config
+    assert (vision.patch_size, vision.hidden_size, vision.num_hidden_layers, vision.attention_heads) == (
+        8,
+        128,
+        4,
+        4,
+    )
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_model" in n)
+    batch = _batch(processor)
+    states = image_states(model, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
+    assert states.shape[0] == 2 and 64 + 1 <= states.shape[1] < 64 + 8  # patches, class token, padding to 8
