@@ -1,30 +1,39 @@
-"""Can the tissue student's image features carry what the teacher knows? Linear probes.
+"""Can the student's input carry what the teacher knows? Linear probes, both tasks.
 
-The tiny vision student (and the SmolLM2 vision student) read the image through a random vision
-tower that stays frozen; only the projector and the language layers train. Whatever the student
-learns about the tissue must be a function of those features. Three questions, each answered by a
-multinomial logistic regression on the tower's output (standardised, L2, L-BFGS; the probe of
-experiments/probe_student_states.py), fit on the training split, scored on the test split's truth:
+A student learns the task only through what it reads: the tissue student a random vision tower
+that stays frozen (only the projector and the language layers train), the rare-disease student
+the note's words. Each question below is answered by a multinomial logistic regression on
+features of that input (standardised, L2, L-BFGS; the probe of
+experiments/probe_student_states.py), fit on the training split and scored on the test split's
+truth:
 
-1. How much of the tissue is in the features (targets: the true labels)?
-2. How much of each teacher's ranking survives distillation through them (targets: the teacher's
+1. How much of the label is in the input (targets: the true labels)?
+2. How much of each teacher's ranking survives distillation through it (targets: the teacher's
    out-of-fold lists on the training split, the pairs' `chosen` side: its first name, or its
    top-k names weighted 1/rank as a soft target)? The multimodal teacher's lists against the
-   task-only teacher's: the gap between the two probes is the transfer a student restricted to
-   these features could show at best with a linear read-out.
-3. The same on the raw pixels (8×8 mean-pooled per channel), as a floor.
+   unimodal teacher's (compare.py's UNIMODAL_TEACHER): the gap between the two probes is the
+   transfer a student restricted to this input could show with a linear read-out.
 
-    PYTHONPATH=. .venv/bin/python experiments/probe_image_features.py --seeds 1 2 3
+Features: tissue, the student's frozen tower output averaged over its patches (any vision student:
+add e.g. student=tiny_mllama_tower128), the raw pixels (8x8 mean-pooled per channel) as a floor,
+and colour, contrast and edge statistics of 8x8 patches (what a general-purpose pretrained tower
+is known to encode; computed, not learned); rare disease, the note's word unigrams and bigrams
+(log counts, those seen in at least 3 training notes: negations such as "no narrow" are bigrams).
 
-The teachers come from the stage cache (`paths.cache_dir`, default outputs/cache) when the
-comparison ran first, else they are trained (a few minutes each). Prints one line per seed and
-target, then the means over seeds.
+    PYTHONPATH=. .venv/bin/python experiments/probe_transfer.py task=tissue --seeds 1 2 3
+    PYTHONPATH=. .venv/bin/python experiments/probe_transfer.py task=rare_disease --seeds 1 2 3
+
+The teachers come from the stage cache (`--cache-dir`, default outputs/cache) when the comparison
+ran first, else they are trained (minutes each). Prints one line per seed, features and target,
+then the means over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +52,27 @@ from mint.student.kinds import student_kind
 from mint.student.vision import _mllama_model
 
 
-def configs(seed: int, cache_dir: str, extra: list[str]):
-    """The multimodal and the task-only teacher's run configs, as compare.py composes them."""
-    common = ["task=tissue", f"seed={seed}", *extra]
+def configs(seed: int, cache_dir: str, overrides: list[str]):
+    """The multimodal and the unimodal teacher's run configs, as compare.py composes them."""
+    common = [*overrides, f"seed={seed}"]
+    task = compose_config(common).task.name
+    if task not in UNIMODAL_TEACHER:
+        raise SystemExit(
+            f"task={task}: expected one of {sorted(UNIMODAL_TEACHER)} (a task with a unimodal teacher)"
+        )
     out = []
-    for teacher in ([], UNIMODAL_TEACHER["tissue"][1]):
+    for teacher in ([], UNIMODAL_TEACHER[task][1]):
         cfg = compose_config([*common, *teacher])
         with open_dict(cfg):
-            cfg.paths.output_dir = str(Path(cache_dir).parent / "probes" / "image_features")
+            cfg.paths.output_dir = str(Path(cache_dir).parent / "probes" / "transfer")
             cfg.paths.cache_dir = cache_dir
         out.append(cfg)
     return out
 
 
-def tower_features(
-    model, processor, images: list[np.ndarray], *, pooled: bool, batch: int = 32
-) -> np.ndarray:
-    """[N, D] the frozen vision tower's output, the mean over its patches (`pooled`) or every patch
-    side by side (the projector that follows is linear, so a linear probe on this sees what the
-    projector can pass on; the language layers' cross-attention reads the patches one by one)."""
+def tower_features(model, processor, images: list[np.ndarray], batch: int = 32) -> np.ndarray:
+    """[N, D] the frozen vision tower's output, the mean over its patches (the projector that
+    follows is linear; every patch side by side, 1632 features for 684 images, overfits)."""
     vision = _mllama_model(model).vision_model
     parts = []
     for start in range(0, len(images), batch):
@@ -73,8 +84,7 @@ def tower_features(
                 aspect_ratio_ids=enc["aspect_ratio_ids"],
                 aspect_ratio_mask=enc["aspect_ratio_mask"],
             ).last_hidden_state
-        states = states.reshape(len(pil), -1, states.shape[-1]).float()
-        parts.append((states.mean(1) if pooled else states.flatten(1)).numpy())
+        parts.append(states.reshape(len(pil), -1, states.shape[-1]).float().mean(1).numpy())
     return np.concatenate(parts)
 
 
@@ -83,6 +93,77 @@ def pixel_features(images: list[np.ndarray], cells: int = 8) -> np.ndarray:
     stack = np.stack(images).astype(np.float32) / 255.0
     n, h, w, c = stack.shape
     return stack.reshape(n, cells, h // cells, cells, w // cells, c).mean((2, 4)).reshape(n, -1)
+
+
+def patch_statistics(images: list[np.ndarray], patch: int = 8) -> np.ndarray:
+    """[N, 16] what a general-purpose vision tower is known to encode, without any training here:
+    each patch's mean and std per channel and its mean absolute luminance step across and down,
+    summarised over the patches by their mean and std."""
+    x = np.stack(images).astype(np.float32) / 255.0  # [N, H, W, 3]
+    n, h, w, _ = x.shape
+    lum = x.mean(-1)
+    dx = np.abs(np.diff(lum, axis=2, append=lum[:, :, -1:]))
+    dy = np.abs(np.diff(lum, axis=1, append=lum[:, -1:, :]))
+
+    def cells(a: np.ndarray) -> np.ndarray:  # [N, H, W, C] -> [N, patches, patch*patch, C]
+        c = a.reshape(n, h // patch, patch, w // patch, patch, -1).transpose(0, 1, 3, 2, 4, 5)
+        return c.reshape(n, -1, patch * patch, c.shape[-1])
+
+    rgb = cells(x)
+    per_patch = np.concatenate(
+        [rgb.mean(2), rgb.std(2), cells(dx[..., None]).mean(2), cells(dy[..., None]).mean(2)], axis=-1
+    )  # [N, patches, 8]
+    return np.concatenate([per_patch.mean(1), per_patch.std(1)], axis=1)
+
+
+def word_features(train: list[str], test: list[str], min_notes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """log(1 + count) of the word unigrams and bigrams seen in at least `min_notes` training notes."""
+
+    def grams(text: str) -> list[str]:
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+
+    notes = Counter(g for text in train for g in set(grams(text)))
+    vocab = {g: i for i, g in enumerate(sorted(g for g, n in notes.items() if n >= min_notes))}
+
+    def counts(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), len(vocab)), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for gram, n in Counter(grams(text)).items():
+                if gram in vocab:
+                    out[row, vocab[gram]] = np.log1p(n)
+        return out
+
+    return counts(train), counts(test)
+
+
+def student_input_features(
+    cfg, task, multimodal, key, cache_dir: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{name: (train features, test features)} of what the task's student reads."""
+    train, test = task.splits["train"], task.splits["test"]
+    if task.name == "rare_disease":
+        return {"note words": word_features([s.text for s in train], [s.text for s in test])}
+    # The student as the run builds it (its tokenizer is trained on the pairs' texts; the tower is
+    # seeded by the student config, the same in every run).
+    kind = student_kind(cfg)
+    rows, _ = prefs_stage(cfg, kind, task, multimodal, key)
+    job = student_job(cfg, kind)
+    model, processor = kind.load(
+        job.student, cache_dir=cache_dir, corpus=pairs_to_texts(rows.train), with_adapter=False
+    )
+    model.eval()
+    return {
+        "student tower": (
+            tower_features(model, processor, [s.image for s in train]),
+            tower_features(model, processor, [s.image for s in test]),
+        ),
+        "pixels 8x8": (pixel_features([s.image for s in train]), pixel_features([s.image for s in test])),
+        "patch statistics": (
+            patch_statistics([s.image for s in train]),
+            patch_statistics([s.image for s in test]),
+        ),
+    }
 
 
 def list_targets(scores: np.ndarray, k: int) -> np.ndarray:
@@ -101,27 +182,21 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both teachers and the student")
+    parser.add_argument(
+        "overrides", nargs="+", help="Hydra overrides for both teachers (and the student); task=... first"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache_dir = str(Path(args.cache_dir).resolve())
 
     results: dict[str, list[float]] = {}
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for seed in args.seeds:
         started = time.time()
         multimodal_cfg, unimodal_cfg = configs(seed, cache_dir, args.overrides)
         task = load_task(multimodal_cfg.task)
-        kind = student_kind(multimodal_cfg)
         multimodal, key = teacher_stage(multimodal_cfg, task)
         unimodal, _ = teacher_stage(unimodal_cfg, task)
-        # The student as the run builds it (its tokenizer is trained on the pairs' texts; the tower
-        # is seeded by the student config, the same in every run).
-        rows, _ = prefs_stage(multimodal_cfg, kind, task, multimodal, key)
-        job = student_job(multimodal_cfg, kind)
-        model, processor = kind.load(
-            job.student, cache_dir=cache_dir, corpus=pairs_to_texts(rows.train), with_adapter=False
-        )
-        model.eval()
         train, test = task.splits["train"], task.splits["test"]
         for teacher in (multimodal, unimodal):
             if teacher.ids["train"] != [s.id for s in train]:
@@ -132,19 +207,13 @@ def main() -> None:
         targets = {
             "truth": truth_train,
             "multimodal teacher's first name": multimodal.scores["train"].argmax(1),
-            "task-only teacher's first name": unimodal.scores["train"].argmax(1),
+            "unimodal teacher's first name": unimodal.scores["train"].argmax(1),
             f"multimodal teacher's top-{k}, 1/rank": list_targets(multimodal.scores["train"], k),
-            f"task-only teacher's top-{k}, 1/rank": list_targets(unimodal.scores["train"], k),
+            f"unimodal teacher's top-{k}, 1/rank": list_targets(unimodal.scores["train"], k),
         }
-        features = {
-            f"student tower, {'patch mean' if pooled else 'every patch'}": (
-                tower_features(model, processor, [s.image for s in train], pooled=pooled),
-                tower_features(model, processor, [s.image for s in test], pooled=pooled),
-            )
-            for pooled in (True, False)
-        } | {
-            "pixels 8x8": (pixel_features([s.image for s in train]), pixel_features([s.image for s in test])),
-        }
+        # The input's features are the same for every seed (the data and the student's tower are
+        # seeded by their own configs); only the teachers differ.
+        features = features or student_input_features(multimodal_cfg, task, multimodal, key, cache_dir)
         for name, target in targets.items():
             if target.ndim == 1:
                 print(
