@@ -88,11 +88,17 @@ def tower_features(model, processor, images: list[np.ndarray], batch: int = 32) 
     return np.concatenate(parts)
 
 
-def pixel_features(images: list[np.ndarray], cells: int = 8) -> np.ndarray:
-    """[N, cells*cells*3] each channel mean-pooled on a cells×cells grid."""
+def patches(a: np.ndarray, patch: int) -> np.ndarray:
+    """[N, H, W, C] -> [N, patches, patch*patch, C]: each image cut into patch x patch squares."""
+    n, h, w, c = a.shape
+    cells = a.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return cells.reshape(n, -1, patch * patch, c)
+
+
+def pixel_features(images: list[np.ndarray], patch: int = 8) -> np.ndarray:
+    """[N, patches*3] each channel's mean over each patch x patch square."""
     stack = np.stack(images).astype(np.float32) / 255.0
-    n, h, w, c = stack.shape
-    return stack.reshape(n, cells, h // cells, cells, w // cells, c).mean((2, 4)).reshape(n, -1)
+    return patches(stack, patch).mean(2).reshape(len(images), -1)
 
 
 def patch_statistics(images: list[np.ndarray], patch: int = 8) -> np.ndarray:
@@ -100,18 +106,12 @@ def patch_statistics(images: list[np.ndarray], patch: int = 8) -> np.ndarray:
     each patch's mean and std per channel and its mean absolute luminance step across and down,
     summarised over the patches by their mean and std."""
     x = np.stack(images).astype(np.float32) / 255.0  # [N, H, W, 3]
-    n, h, w, _ = x.shape
-    lum = x.mean(-1)
+    lum = x.mean(-1, keepdims=True)
     dx = np.abs(np.diff(lum, axis=2, append=lum[:, :, -1:]))
     dy = np.abs(np.diff(lum, axis=1, append=lum[:, -1:, :]))
-
-    def cells(a: np.ndarray) -> np.ndarray:  # [N, H, W, C] -> [N, patches, patch*patch, C]
-        c = a.reshape(n, h // patch, patch, w // patch, patch, -1).transpose(0, 1, 3, 2, 4, 5)
-        return c.reshape(n, -1, patch * patch, c.shape[-1])
-
-    rgb = cells(x)
+    rgb = patches(x, patch)
     per_patch = np.concatenate(
-        [rgb.mean(2), rgb.std(2), cells(dx[..., None]).mean(2), cells(dy[..., None]).mean(2)], axis=-1
+        [rgb.mean(2), rgb.std(2), patches(dx, patch).mean(2), patches(dy, patch).mean(2)], axis=-1
     )  # [N, patches, 8]
     return np.concatenate([per_patch.mean(1), per_patch.std(1)], axis=1)
 
@@ -191,10 +191,12 @@ def main() -> None:
 
     results: dict[str, list[float]] = {}
     features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    task = None
     for seed in args.seeds:
         started = time.time()
         multimodal_cfg, unimodal_cfg = configs(seed, cache_dir, args.overrides)
-        task = load_task(multimodal_cfg.task)
+        if task is None:  # the data is seeded by its own config, the same for every seed
+            task = load_task(multimodal_cfg.task)
         multimodal, key = teacher_stage(multimodal_cfg, task)
         unimodal, _ = teacher_stage(unimodal_cfg, task)
         train, test = task.splits["train"], task.splits["test"]

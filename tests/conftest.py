@@ -44,24 +44,23 @@ def default_job(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) ->
     """`python -m mint.run debug=smoke` as a user types it (task=tissue, ORPO: the main job at smoke
     size), run once for the session: the CLI, pipeline and export tests all read this one run."""
     out = tmp_path_factory.mktemp("default_job")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mint.run",
-            "debug=smoke",
-            f"hydra.run.dir={out}/run",
-            f"paths.log_dir={out}",
-            f"paths.cache_dir={shared_cache}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = python_m_mint_run(
+        "debug=smoke", f"hydra.run.dir={out}/run", f"paths.log_dir={out}", f"paths.cache_dir={shared_cache}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return DefaultJob(out / "run", proc.stdout + proc.stderr)
+
+
+def python_m_mint_run(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m mint.run ARGS` in a fresh process from `cwd` (offline, W&B off), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mint.run", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose_cfg(overrides: list[str], *, root: Path, output_dir: Path, cache: Path) -> DictConfig:

@@ -21,7 +21,7 @@ from mint.cli import main
 from mint.commands.trained import load_trained, open_run
 from mint.run import run
 from mint.stages.teacher import load_task
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, python_m_mint_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -101,14 +101,7 @@ def test_mint_runs_the_default_job_like_python_m_mint_run(vision_run):
     job itself ran once, through `python -m mint.run`, in conftest's default_job)."""
     args = ("--cfg", "job", "debug=smoke", "seed=3")
     through_mint = mint_command(*args)
-    through_module = subprocess.run(
-        [sys.executable, "-m", "mint.run", *args],
-        cwd="/",
-        env={**ENV, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    through_module = python_m_mint_run(*args, cwd=Path("/"), timeout=300)
     assert through_mint.returncode == 0 == through_module.returncode, through_mint.stderr[-2000:]
     job = OmegaConf.create(through_mint.stdout)
     assert job.task.name == "tissue" and job.optim.method == "orpo" and job.seed == 3

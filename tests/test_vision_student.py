@@ -10,7 +10,6 @@ import peft
 import pytest
 import torch
 import transformers
-from omegaconf import OmegaConf
 
 from mint.optim.forward import answer_logps
 from mint.pairs.vision import VisionPreferenceCollator, encode_vision_pair, vision_messages
@@ -243,11 +242,9 @@ def test_the_wide_tower_student_config_builds_the_tower_it_names(tmp_path: Path)
     under LoRA, and an image reaches the text as one state per patch (plus the class token)."""
     from hydra.utils import instantiate
 
-    from tests.conftest import ROOT
+    from mint.cli import compose_config
 
-    node = OmegaConf.load(ROOT / "conf" / "student" / "tiny_mllama_tower128.yaml")
-    base = OmegaConf.load(ROOT / "conf" / "student" / "tiny_mllama.yaml")
-    build = instantiate(OmegaConf.merge(base.build, node.build))
+    build = instantiate(compose_config(["task=tissue", "student=tiny_mllama_tower128"]).student.build)
     model, processor = load_vision_student(
         None, cache_dir=str(tmp_path), build=build, corpus=CORPUS, lora=LORA
     )
