@@ -107,7 +107,7 @@ def test_debug_smoke_also_shrinks_the_pipeline_task():
 @pytest.mark.parametrize(
     ("task", "teacher_target", "student"),
     [
-        ("tissue", "mint.teacher.clip.clip_teacher", "tiny_mllama"),
+        ("tissue", "mint.teacher.clip.clip_teacher", "tiny_mllama_tower128"),
         ("rare_disease", "mint.teacher.fusion.fusion_teacher", "tiny_llama"),
         ("example", None, "tiny_llama"),
     ],
