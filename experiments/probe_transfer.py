@@ -14,8 +14,8 @@ truth:
    unimodal teacher's (compare.py's UNIMODAL_TEACHER): the gap between the two probes is the
    transfer a student restricted to this input could show with a linear read-out.
 
-Features: tissue, the student's frozen tower output averaged over its patches (any vision student:
-add e.g. student=tiny_mllama_tower128), the raw pixels (8x8 mean-pooled per channel) as a floor,
+Features: tissue, the student's frozen tower output averaged over its patches (the task's default student,
+tiny_mllama_tower128; e.g. student=tiny_mllama for the smaller tower), the raw pixels (8x8 mean-pooled per channel) as a floor,
 and colour, contrast and edge statistics of 8x8 patches (what a general-purpose pretrained tower
 is known to encode; computed, not learned); rare disease, the note's word unigrams and bigrams
 (log counts, those seen in at least 3 training notes: negations such as "no narrow" are bigrams).
@@ -153,16 +153,11 @@ def student_input_features(
         job.student, cache_dir=cache_dir, corpus=pairs_to_texts(rows.train), with_adapter=False
     )
     model.eval()
+    images = [s.image for s in train], [s.image for s in test]
     return {
-        "student tower": (
-            tower_features(model, processor, [s.image for s in train]),
-            tower_features(model, processor, [s.image for s in test]),
-        ),
-        "pixels 8x8": (pixel_features([s.image for s in train]), pixel_features([s.image for s in test])),
-        "patch statistics": (
-            patch_statistics([s.image for s in train]),
-            patch_statistics([s.image for s in test]),
-        ),
+        "student tower": tuple(tower_features(model, processor, split) for split in images),
+        "pixels 8x8": tuple(pixel_features(split) for split in images),
+        "patch statistics": tuple(patch_statistics(split) for split in images),
     }
 
 
