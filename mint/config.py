@@ -210,6 +210,9 @@ class TeacherConfig:
     batch_size: int = bounded(64, ge=1)
     patience: int = bounded(5, ge=1)  # early stopping on validation top-k
     fit_threads: int | None = bounded(1, ge=1)  # torch threads while fitting; null keeps the process setting
+    # How many of the full fit and the cross-fit folds train at once, each in a forked process
+    # with fit_threads threads (CPU only). The scores do not depend on it.
+    fit_workers: int = bounded(1, ge=1)
     trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments for each fit
 
 
@@ -398,6 +401,26 @@ def _rule_problems(cfg: DictConfig) -> list[tuple[str, Any, str]]:
         problems.append(
             ("optim.rag.chunk_overlap", rag.chunk_overlap, f"< optim.rag.chunk_tokens ({rag.chunk_tokens})")
         )
+    teacher = cfg.get("teacher")
+    if teacher is not None and teacher.get("fit_workers", 1) > 1:
+        accelerator = (teacher.get("trainer") or {}).get("accelerator", "cpu")
+        if accelerator != "cpu":
+            # A CUDA context does not survive a fork; one GPU fit at a time is the GPU's way.
+            problems.append(
+                (
+                    "teacher.fit_workers",
+                    teacher.fit_workers,
+                    f"1 with teacher.trainer.accelerator={accelerator}",
+                )
+            )
+        if teacher.get("fit_threads") is None:
+            problems.append(
+                (
+                    "teacher.fit_workers",
+                    teacher.fit_workers,
+                    "1 unless teacher.fit_threads is set (threads per worker)",
+                )
+            )
     lora = cfg.student.get("lora")
     if lora is not None:
         for name, bounds in (

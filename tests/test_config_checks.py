@@ -141,6 +141,15 @@ def test_rules_between_keys_and_inside_target_nodes(make_cfg):
     cfg = make_cfg("student.lora.r=0", "optim.optimizer.lr=0")
     with pytest.raises(ConfigError, match=r"student\.lora\.r=0: expected >= 1.*optim\.optimizer\.lr=0"):
         check_config(cfg)
+    # Teacher fits run side by side in forked processes: CPU only, with a thread count each.
+    cfg = make_cfg("task=rare_disease", "teacher.fit_workers=2", "teacher.trainer.accelerator=gpu")
+    with pytest.raises(
+        ConfigError, match=r"teacher\.fit_workers=2: expected 1 with teacher\.trainer\.accelerator=gpu"
+    ):
+        check_config(cfg)
+    cfg = make_cfg("task=rare_disease", "teacher.fit_workers=2", "teacher.fit_threads=null")
+    with pytest.raises(ConfigError, match=r"teacher\.fit_workers=2: expected 1 unless teacher\.fit_threads"):
+        check_config(cfg)
 
 
 def test_all_problems_are_named_at_once_and_nothing_runs(make_cfg, tmp_path: Path):

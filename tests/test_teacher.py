@@ -68,7 +68,13 @@ def task() -> TaskData:
 
 
 def stage(
-    task: TaskData, out_dir: Path, folds: int = 0, seed: int = 0, max_epochs: int = 25, **teacher: Any
+    task: TaskData,
+    out_dir: Path,
+    folds: int = 0,
+    seed: int = 0,
+    max_epochs: int = 25,
+    fit_workers: int = 1,
+    **teacher: Any,
 ) -> TeacherResult:
     make = partial(fusion_teacher, lr=3e-3, hidden_dim=64, **teacher)
     return fit_teacher(
@@ -80,6 +86,7 @@ def stage(
         k=3,
         out_dir=out_dir,
         seed=seed,
+        fit_workers=fit_workers,
     )
 
 
@@ -211,6 +218,27 @@ class IdMemoriser(TeacherModule):
         return torch.optim.SGD(self.parameters(), lr=5.0)
 
 
+class BrokenTeacher(IdMemoriser):
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        raise RuntimeError("the teacher's loss went NaN")
+
+
+def test_a_failing_fit_in_a_worker_fails_the_stage_and_leaves_nothing(task: TaskData, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="the teacher's loss went NaN"):
+        fit_teacher(
+            task,
+            make_teacher=BrokenTeacher,
+            trainer_kwargs={"max_epochs": 2, "accelerator": "cpu"},
+            batch_size=16,
+            folds=3,
+            k=3,
+            out_dir=tmp_path / "teacher",
+            seed=0,
+            fit_workers=2,
+        )
+    assert list(tmp_path.iterdir()) == []  # neither the result nor its temp folder
+
+
 def test_out_of_fold_rankings_are_not_in_sample(task: TaskData, tmp_path: Path) -> None:
     def run(folds: int) -> TeacherResult:
         return fit_teacher(
@@ -234,7 +262,8 @@ def test_out_of_fold_rankings_are_not_in_sample(task: TaskData, tmp_path: Path) 
 
 def test_artifacts_metrics_and_determinism(task: TaskData, tmp_path: Path) -> None:
     first = stage(task, tmp_path / "a", folds=2, seed=7, max_epochs=6)
-    second = stage(task, tmp_path / "b", folds=2, seed=7, max_epochs=6)
+    # The same fits two at a time in forked workers: the same scores, bit for bit.
+    second = stage(task, tmp_path / "b", folds=2, seed=7, max_epochs=6, fit_workers=2)
     out = tmp_path / "a"
     for split in SPLITS:
         n = len(task.splits[split])
@@ -249,7 +278,8 @@ def test_artifacts_metrics_and_determinism(task: TaskData, tmp_path: Path) -> No
         for name in ("top1", "topk", "mrr"):
             key = f"teacher/{split}/{name}"
             assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
-    assert {"teacher/train_oof/top1", "teacher/time/total_s", "teacher/time/crossfit_s"} <= set(metrics)
+    assert {"teacher/train_oof/top1", "teacher/time/total_s", "teacher/time/fits_s"} <= set(metrics)
+    assert first.checkpoint.read_bytes() == second.checkpoint.read_bytes()
 
     ranked = first.ranked_labels("test", 0)
     assert sorted(ranked) == sorted(task.labels)

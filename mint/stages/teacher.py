@@ -69,7 +69,9 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
             f"(or conf/teacher/task_{cfg.task.name}.yaml naming its usual one)"
         )
     teacher, k, seed = cfg.teacher, cfg.task.answer.n, cfg.seed
-    key: dict[str, Any] = {"data": task.fingerprint(), "teacher": plain(teacher), "k": k, "seed": seed}
+    # fit_workers only schedules the fits (the scores are the same): not part of the key.
+    settings = {name: value for name, value in plain(teacher).items() if name != "fit_workers"}
+    key: dict[str, Any] = {"data": task.fingerprint(), "teacher": settings, "k": k, "seed": seed}
     make_teacher = instantiate(teacher.model, _convert_="all")
     pretrain_metrics: dict[str, float] = {}
     if teacher.pretrain is not None:
@@ -91,6 +93,7 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
             seed=seed,
             patience=teacher.patience,
             fit_threads=teacher.fit_threads,
+            fit_workers=teacher.fit_workers,
         )
 
     entry = cached(Path(cfg.paths.cache_dir), "teacher", key, make)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import pickle
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -240,9 +242,19 @@ def load_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str,
 
 
 def fit_one(
-    spec: FitSpec, task: TaskData, train: Dataset, val: Dataset, *, seed: int, ckpt_dir: Path, desc: str
+    spec: FitSpec,
+    task: TaskData,
+    train: Dataset,
+    val: Dataset,
+    *,
+    seed: int,
+    ckpt_dir: Path,
+    desc: str,
+    progress: bool = True,
 ) -> tuple[TeacherModule, L.Trainer, Path]:
-    """Fit a fresh teacher on `train`, early-stopped on `val`, and restore its best epoch."""
+    """Fit a fresh teacher on `train`, early-stopped on `val`, and restore its best epoch.
+
+    progress: a bar advanced per epoch (off where several fits run at once: see `run_fits`)."""
     L.seed_everything(seed, workers=True, verbose=False)
     teacher = spec.make_teacher(task)
     teacher.eval_k = spec.k
@@ -259,7 +271,7 @@ def fit_one(
     callbacks = [
         EarlyStopping(monitor=spec.monitor, mode="max", patience=spec.patience),
         checkpoint,
-        _FoldBar(desc, spec.monitor),
+        *([_FoldBar(desc, spec.monitor)] if progress else []),
         *kwargs.pop("callbacks", []),
     ]
     trainer = L.Trainer(**kwargs, callbacks=callbacks)
@@ -288,38 +300,102 @@ def _predict(
     return torch.cat(outputs).cpu().numpy().astype(np.float32)
 
 
-def _crossfit(
+@dataclass(frozen=True)
+class FitJob:
+    """One fit of the teacher stage: the full teacher, or one cross-fit fold."""
+
+    desc: str
+    seed: int
+    workdir: Path  # its checkpoints while it trains; removed after
+    fit_rows: list[int] | None = None  # rows of the train split it fits on (None: all)
+    score: dict[str, list[int] | None] = field(default_factory=dict)  # split -> rows it scores (None: all)
+    keep_checkpoint: Path | None = None  # where its best epoch's weights go (None: deleted)
+
+
+def _fold_jobs(task: TaskData, folds: int, *, seed: int, workdir: Path) -> list[FitJob]:
+    """The cross-fit: each of `folds` stratified folds of train scored by a fresh teacher fit on
+    the other folds (early-stopped on the same val split); none when folds < 2."""
+    if folds < 2:
+        return []
+    fold_of = stratified_folds([s.label for s in task.splits["train"]], folds, seed)
+    return [
+        FitJob(
+            f"teacher fold {fold + 1}/{folds}",
+            seed + 1 + fold,
+            workdir / f"fit_fold{fold}",
+            fit_rows=np.flatnonzero(fold_of != fold).tolist(),
+            score={"train": np.flatnonzero(fold_of == fold).tolist()},
+        )
+        for fold in range(folds)
+    ]
+
+
+def run_job(
+    spec: FitSpec, task: TaskData, data: dict[str, Dataset], job: FitJob, *, progress: bool = True
+) -> dict[str, Any]:
+    """Fit one job and score its splits: {"scores": {split: [N, C]}, "epochs": int}."""
+    train = data["train"] if job.fit_rows is None else Subset(data["train"], job.fit_rows)
+    teacher, trainer, best = fit_one(
+        spec, task, train, data["val"], seed=job.seed, ckpt_dir=job.workdir, desc=job.desc, progress=progress
+    )
+    scores = {
+        split: _predict(
+            teacher,
+            trainer,
+            data[split] if rows is None else Subset(data[split], rows),
+            spec.batch_size,
+            len(task.labels),
+        )
+        for split, rows in job.score.items()
+    }
+    if job.keep_checkpoint is not None:
+        best.rename(job.keep_checkpoint)
+    shutil.rmtree(job.workdir, ignore_errors=True)
+    return {"scores": scores, "epochs": trainer.current_epoch}
+
+
+# What forked workers read instead of a pickled copy: set by `run_fits` just before the fork.
+_FORK_STATE: dict[str, Any] = {}
+
+
+def _run_forked_job(job: FitJob) -> dict[str, Any]:
+    state = _FORK_STATE
+    with torch_threads(state["threads"]):
+        return run_job(state["spec"], state["task"], state["data"], job, progress=False)
+
+
+def run_fits(
     spec: FitSpec,
     task: TaskData,
     data: dict[str, Dataset],
-    train_labels: list[int],
-    folds: int,
+    jobs: Sequence[FitJob],
     *,
-    seed: int,
-    workdir: Path,
-) -> np.ndarray:
-    """Out-of-fold scores [N_train, C]: each fold scored by a fresh teacher fit on the other folds."""
-    fold_of = stratified_folds(train_labels, folds, seed)
-    oof = np.zeros((len(train_labels), len(task.labels)), dtype=np.float32)
-    for fold in range(folds):
-        held_out = np.flatnonzero(fold_of == fold)
-        kept = np.flatnonzero(fold_of != fold)
-        log.info(
-            "teacher: cross-fit fold %d/%d (fit %d, score %d)", fold + 1, folds, len(kept), len(held_out)
-        )
-        teacher, trainer, _ = fit_one(
-            spec,
-            task,
-            Subset(data["train"], kept.tolist()),
-            data["val"],
-            seed=seed + 1 + fold,
-            ckpt_dir=workdir / f"fit_fold{fold}",
-            desc=f"teacher fold {fold + 1}/{folds}",
-        )
-        held = Subset(data["train"], held_out.tolist())
-        oof[held_out] = _predict(teacher, trainer, held, spec.batch_size, len(task.labels))
-        shutil.rmtree(workdir / f"fit_fold{fold}", ignore_errors=True)
-    return oof
+    threads: int | None,
+    workers: int = 1,
+) -> list[dict[str, Any]]:
+    """`run_job` over `jobs`, in order; with workers > 1 in that many forked processes at once.
+
+    Every fit seeds itself and runs single-process either way, so a job's scores do not depend
+    on `workers` (a test checks they are equal bit for bit). The workers are forked, not spawned:
+    they share the parent's featurized datasets and imports instead of re-importing torch
+    (~10 s each). The caller checks that the fits run on the CPU (a forked CUDA context fails).
+    """
+    if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
+        with torch_threads(threads):
+            return [run_job(spec, task, data, job) for job in jobs]
+    _FORK_STATE.update(spec=spec, task=task, data=data, threads=threads)
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+            futures = [pool.submit(_run_forked_job, job) for job in jobs]
+            with tqdm(
+                total=len(jobs), desc=f"teacher fits ({workers} at once)", unit="fit", leave=False
+            ) as bar:
+                for future in as_completed(futures):
+                    future.result()  # a worker's error surfaces here
+                    bar.update(1)
+            return [future.result() for future in futures]
+    finally:
+        _FORK_STATE.clear()
 
 
 @contextmanager
@@ -346,6 +422,7 @@ def fit_teacher(
     monitor: str = "val/topk_then_mrr",
     n_boot: int = 1000,
     fit_threads: int | None = 1,
+    fit_workers: int = 1,
 ) -> TeacherResult:
     """Train the teacher on train (early-stopped on val), score every split, save into out_dir.
 
@@ -361,6 +438,9 @@ def fit_teacher(
       adds synchronisation (measured ~7x slower tests on 2 busy cores). Featurizing (MiniLM)
       keeps the process setting. On 2 busy cores 1 thread also won for a narrow CNN (1.5 s vs
       35 s an epoch); use None on GPUs and on machines with idle cores.
+    - fit_workers: how many of the 1 + `folds` fits run at once, each in a forked process
+      (`run_fits`); the scores are the same for any value. On a CPU with idle cores, up to
+      cores / fit_threads; 1 on a GPU.
     Writes atomically (`mint.files.build_atomically`): a temp folder next to out_dir, renamed
     into place when complete; a result already in out_dir is replaced.
     """
@@ -380,37 +460,33 @@ def fit_teacher(
             del featurizer
             timings = {"featurize_s": time.perf_counter() - clock}
 
-            with torch_threads(fit_threads):
-                clock = time.perf_counter()
-                log.info("teacher: fitting on all %d training samples", len(data["train"]))
-                teacher, trainer, best = fit_one(
-                    spec,
-                    task,
-                    data["train"],
-                    data["val"],
-                    seed=seed,
-                    ckpt_dir=tmp / "fit_full",
-                    desc="teacher full",
-                )
-                scores = {
-                    split: _predict(teacher, trainer, data[split], batch_size, n_labels)
-                    for split in ("val", "test")
-                }
-                epochs_full = trainer.current_epoch
-                best.rename(tmp / "teacher.ckpt")
-                timings["fit_full_s"] = time.perf_counter() - clock
-
-                clock = time.perf_counter()
-                train_labels = [s.label for s in task.splits["train"]]
-                if folds >= 2:
-                    scores["train"] = _crossfit(spec, task, data, train_labels, folds, seed=seed, workdir=tmp)
-                else:
-                    log.warning(
-                        "teacher: folds=%d scores TRAIN IN-SAMPLE; rankings will be near-perfect", folds
-                    )
-                    scores["train"] = _predict(teacher, trainer, data["train"], batch_size, n_labels)
-                timings["crossfit_s"] = time.perf_counter() - clock
-            shutil.rmtree(tmp / "fit_full", ignore_errors=True)
+            clock = time.perf_counter()
+            if folds < 2:
+                log.warning("teacher: folds=%d scores TRAIN IN-SAMPLE; rankings will be near-perfect", folds)
+            full = FitJob(
+                "teacher full",
+                seed,
+                tmp / "fit_full",
+                score=dict.fromkeys(["val", "test", *(["train"] if folds < 2 else [])]),
+                keep_checkpoint=tmp / "teacher.ckpt",
+            )
+            jobs = [full, *_fold_jobs(task, folds, seed=seed, workdir=tmp)]
+            log.info(
+                "teacher: %d fits (all %d training samples%s), %d at a time",
+                len(jobs),
+                len(data["train"]),
+                f", then {folds} cross-fit folds" if folds >= 2 else "",
+                max(1, min(fit_workers, len(jobs))),
+            )
+            outcomes = run_fits(spec, task, data, jobs, threads=fit_threads, workers=fit_workers)
+            scores = outcomes[0]["scores"]
+            epochs_full = outcomes[0]["epochs"]
+            if folds >= 2:
+                oof = np.zeros((len(task.splits["train"]), n_labels), dtype=np.float32)
+                for job, outcome in zip(jobs[1:], outcomes[1:], strict=True):
+                    oof[job.score["train"]] = outcome["scores"]["train"]
+                scores["train"] = oof
+            timings["fits_s"] = time.perf_counter() - clock
 
         targets = {split: np.array([s.label for s in task.splits[split]], dtype=np.int64) for split in SPLITS}
         metrics: dict[str, float] = {
