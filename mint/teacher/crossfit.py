@@ -391,7 +391,10 @@ def run_fits(
                 total=len(jobs), desc=f"teacher fits ({workers} at once)", unit="fit", leave=False
             ) as bar:
                 for future in as_completed(futures):
-                    future.result()  # a worker's error surfaces here
+                    if future.exception() is not None:
+                        # Fail now, not after the fits still queued: a failed fit fails the stage.
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise future.exception()
                     bar.update(1)
             return [future.result() for future in futures]
     finally:
