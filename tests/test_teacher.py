@@ -90,6 +90,18 @@ def stage(
     )
 
 
+def fit_small(task: TaskData, make_teacher: Any, out_dir: Path, **kwargs: Any) -> TeacherResult:
+    """fit_teacher with the small settings the planted teachers below share (overridable)."""
+    settings: dict[str, Any] = {
+        "trainer_kwargs": {"max_epochs": 2, "accelerator": "cpu"},
+        "batch_size": 16,
+        "folds": 0,
+        "k": 3,
+        "seed": 0,
+    }
+    return fit_teacher(task, make_teacher=make_teacher, out_dir=out_dir, **(settings | kwargs))
+
+
 # --- metrics -----------------------------------------------------------------
 
 
@@ -176,16 +188,7 @@ def test_timm_image_path_fits_on_tiny_images(tmp_path: Path) -> None:
     task = synthetic_task(per_class=8, image_size=16)
     # timm's own tiny test network (0.4M parameters): the resnet18 default is the same code path.
     make = partial(fusion_teacher, modalities=["image"], image_backbone="test_resnet", image_size=32, lr=3e-3)
-    result = fit_teacher(
-        task,
-        make_teacher=make,
-        trainer_kwargs={"max_epochs": 2, "accelerator": "cpu"},
-        batch_size=16,
-        folds=0,
-        k=3,
-        out_dir=tmp_path / "cnn",
-        seed=0,
-    )
+    result = fit_small(task, make, tmp_path / "cnn")
     assert result.scores["test"].shape == (len(task.splits["test"]), N_CLASSES)
     assert np.isfinite(result.scores["test"]).all()
 
@@ -225,31 +228,18 @@ class BrokenTeacher(IdMemoriser):
 
 def test_a_failing_fit_in_a_worker_fails_the_stage_and_leaves_nothing(task: TaskData, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="the teacher's loss went NaN"):
-        fit_teacher(
-            task,
-            make_teacher=BrokenTeacher,
-            trainer_kwargs={"max_epochs": 2, "accelerator": "cpu"},
-            batch_size=16,
-            folds=3,
-            k=3,
-            out_dir=tmp_path / "teacher",
-            seed=0,
-            fit_workers=2,
-        )
+        fit_small(task, BrokenTeacher, tmp_path / "teacher", folds=3, fit_workers=2)
     assert list(tmp_path.iterdir()) == []  # neither the result nor its temp folder
 
 
 def test_out_of_fold_rankings_are_not_in_sample(task: TaskData, tmp_path: Path) -> None:
     def run(folds: int) -> TeacherResult:
-        return fit_teacher(
+        return fit_small(
             task,
-            make_teacher=IdMemoriser,
+            IdMemoriser,
+            tmp_path / f"folds{folds}",
             trainer_kwargs={"max_epochs": 15, "accelerator": "cpu"},
-            batch_size=16,
             folds=folds,
-            k=3,
-            out_dir=tmp_path / f"folds{folds}",
-            seed=0,
             patience=15,  # val is at chance for a memoriser: let it memorise train anyway
         )
 
