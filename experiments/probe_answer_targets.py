@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
+from torch.nn.utils.rnn import pad_sequence
 
 from mint.cli import compose_config
 from mint.pairs.rows import pairs_to_texts
@@ -53,11 +54,8 @@ def answer_with_weights(tokenizer, answer: str, power: float) -> tuple[list[int]
     return encoded["input_ids"], [k**-power for k in items]
 
 
-def pad(seqs: list[list[int]], value: int = 0) -> torch.Tensor:
-    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        out[i, : len(seq)] = torch.tensor(seq)
-    return out
+def pad(seqs: list[list[int]]) -> torch.Tensor:
+    return pad_sequence([torch.tensor(seq) for seq in seqs], batch_first=True)
 
 
 def train_and_score(
@@ -133,25 +131,27 @@ def main() -> None:
         template = PromptTemplate(system=cfg.task.prompt.system, user=cfg.task.prompt.user)
         first_name = dict(zip(teacher.ids["train"], teacher.scores["train"].argmax(1), strict=True))
         truth = {s.id: s.label for s in task.splits["train"]}
+        corpus = pairs_to_texts(rows.train)
+        _, tokenizer = kind.load(job.student, cache_dir=cache_dir, corpus=corpus, with_adapter=False)
+
+        def prompt_ids(messages, tokenizer=tokenizer) -> list[int]:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tokenizer(text)["input_ids"]
+
+        # Prompts tokenized once; each target trains a fresh copy of the same base.
+        prompts = [prompt_ids(row["prompt"]) for row in rows.train]
+        test = [(prompt_ids(template.text_messages(s)), s.label) for s in task.splits["test"]]
         for target in args.targets:
             started = time.time()
-            model, tokenizer = kind.load(
-                job.student, cache_dir=cache_dir, corpus=pairs_to_texts(rows.train), with_adapter=False
-            )
-
-            def prompt_ids(messages, tokenizer=tokenizer) -> list[int]:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                return tokenizer(text)["input_ids"]
-
+            model, _ = kind.load(job.student, cache_dir=cache_dir, corpus=corpus, with_adapter=False)
             train = []
-            for row in rows.train:
+            for prompt, row in zip(prompts, rows.train, strict=True):
                 answer = row["chosen"][0]["content"]
                 if target in ("truth", "teacher1"):
                     label = truth[row["id"]] if target == "truth" else int(first_name[row["id"]])
                     answer = f"{cfg.task.answer.header}\n1. '{task.labels[label]}'"
                 power = {"list_w1": 1.0, "list_w2": 2.0}.get(target, 0.0)
-                train.append((prompt_ids(row["prompt"]), *answer_with_weights(tokenizer, answer, power)))
-            test = [(prompt_ids(template.text_messages(s)), s.label) for s in task.splits["test"]]
+                train.append((prompt, *answer_with_weights(tokenizer, answer, power)))
             top1 = train_and_score(
                 model, tokenizer, train, test, header, task.labels, args.steps, args.lr, seed
             )
