@@ -13,7 +13,7 @@ from mint.optim.module import PreferenceModule
 from mint.optim.reference import attach_reference_logps
 from mint.optim.trunk import TrunkCollator, cached_trunk, check_top_only, top_lora, with_trunk_rows
 from mint.pairs.packed import PackedPreferenceCollator
-from mint.pairs.text import PreferenceCollator
+from mint.pairs.text import PreferenceCollator, as_item
 from tests.conftest import random_llama
 from tests.test_packing import PAD, VOCAB, random_pairs
 
@@ -62,13 +62,31 @@ def loss_and_grads(model, batch, packed, method, sft_on_prompt):
 
 
 @pytest.mark.parametrize(
-    ("packed", "method", "sft_on_prompt"),
-    [(True, "orpo", False), (True, "dpo", True), (False, "orpo", True), (False, "dpo", False)],
+    ("packed", "method", "sft_on_prompt", "weighted"),
+    [
+        (True, "orpo", False, False),
+        (True, "dpo", True, False),
+        (False, "orpo", True, False),
+        (False, "dpo", False, False),
+        (True, "orpo", True, True),  # rank-discounted answer tokens (optim.answer_rank_decay)
+        (False, "dpo", False, True),
+    ],
 )
-def test_trunk_cache_gives_the_loss_and_gradients_of_the_full_model(tmp_path, packed, method, sft_on_prompt):
+def test_trunk_cache_gives_the_loss_and_gradients_of_the_full_model(
+    tmp_path, packed, method, sft_on_prompt, weighted
+):
     model = partial_lora_llama()
     model.eval()  # no dropout anywhere: the two runs must see the same function
     pairs = random_pairs(6, seed=12)
+    if weighted:
+        pairs = [
+            {
+                **as_item(p),
+                "chosen_weights": [0.5] * len(p.chosen_ids),
+                "rejected_weights": [0.2] * len(p.rejected_ids),
+            }
+            for p in pairs
+        ]
     inner = PackedPreferenceCollator(PAD) if packed else PreferenceCollator(PAD)
     trunk = cached_trunk(model, pairs, inner, top_layers=TOP, batch_size=4, cache_dir=tmp_path, base={"t": 1})
     assert isinstance(trunk.states, np.memmap) and trunk.start == LAYERS - TOP

@@ -122,7 +122,11 @@ def attention_mask_for(model: torch.nn.Module, segment_ids: torch.Tensor) -> Any
 
 @dataclass(frozen=True)
 class PackedLogps:
-    """Per-pair answer log-prob sums and token counts, plus the NLL pieces of the SFT term."""
+    """Per-pair answer log-prob sums and token counts, plus the NLL pieces of the SFT term.
+
+    With answer-token weights (the batch's `token_weights`, mint.pairs.weights) the sums are
+    weighted and the counts are the sums of the weights: the means become weighted means.
+    """
 
     chosen_sum: torch.Tensor  # [B]
     rejected_sum: torch.Tensor  # [B]
@@ -134,7 +138,13 @@ class PackedLogps:
     @property
     def nll(self) -> torch.Tensor:
         """Token-averaged NLL over the batch (as `nll_from` on the unpacked batch)."""
-        return self.nll_sum / self.nll_count.clamp(min=1)
+        return self.nll_sum / _at_least_one(self.nll_count)
+
+
+def _at_least_one(count: torch.Tensor) -> torch.Tensor:
+    """A divisor: the count, or 1 where it is 0 (no tokens: the sum is 0 too). Not a clamp: a
+    weighted count may be a positive number below 1."""
+    return torch.where(count > 0, count, torch.ones_like(count))
 
 
 def _predictor_index(segment_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -201,20 +211,34 @@ def packed_logps(
         needed, logps
     )  # [B, T], 0 where not needed
 
+    weights = batch.get("token_weights")  # rank-discounted answer tokens, 1 elsewhere (or none)
+    if weights is not None:
+        token_logps = token_logps * weights
+
+    def count(where: torch.Tensor) -> torch.Tensor:
+        return where.sum(-1) if weights is None else torch.where(where, weights, 0.0).sum(-1)
+
     zero = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
     return PackedLogps(
         chosen_sum=torch.where(is_chosen, token_logps, zero).sum(-1),
         rejected_sum=torch.where(is_rejected, token_logps, zero).sum(-1),
-        chosen_count=is_chosen.sum(-1),
-        rejected_count=is_rejected.sum(-1),
+        chosen_count=count(is_chosen),
+        rejected_count=count(is_rejected),
         nll_sum=-torch.where(nll_target, token_logps, zero).sum(),
-        nll_count=nll_target.sum(),
+        nll_count=count(nll_target).sum(),
     )
 
 
 # The per-position tensors [B, T, ...] a packed batch may carry: PackedPreferenceCollator's, an image
 # collator's cross-attention mask, TrunkCollator's states.
-POSITION_KEYS = ("input_ids", "segment_ids", "position_ids", "cross_attention_mask", "trunk_states")
+POSITION_KEYS = (
+    "input_ids",
+    "segment_ids",
+    "position_ids",
+    "cross_attention_mask",
+    "trunk_states",
+    "token_weights",
+)
 
 
 def without_rejected(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -351,17 +375,26 @@ def vocab_size(logits: Logits) -> int:
     return logits.vocab_size if isinstance(logits, KeptLogits) else logits.shape[-1]
 
 
-def answer_logps(logits: Logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-prob per row and the number of answer tokens per row."""
+def answer_logps(
+    logits: Logits, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-prob per row and the number of answer tokens per row; with `weights` ([N, T],
+    aligned with `labels`: mint.pairs.weights) the weighted sum and the sum of the weights."""
     logps = token_logps(logits, labels)
-    n_tokens = (labels[:, 1:] != -100).sum(-1)
-    return logps.sum(-1), n_tokens
+    labelled = labels[:, 1:] != -100
+    if weights is None:
+        return logps.sum(-1), labelled.sum(-1)
+    return (logps * weights[:, 1:]).sum(-1), torch.where(labelled, weights[:, 1:], 0.0).sum(-1)
 
 
-def nll_from(logits: Logits, labels: torch.Tensor) -> torch.Tensor:
-    """Token-averaged negative log-likelihood over the positions that carry a label."""
+def nll_from(logits: Logits, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-averaged negative log-likelihood over the positions that carry a label (with `weights`,
+    the weighted average)."""
     logps = token_logps(logits, labels)
-    return -logps.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+    labelled = labels[:, 1:] != -100
+    if weights is None:
+        return -logps.sum() / labelled.sum().clamp(min=1)
+    return -(logps * weights[:, 1:]).sum() / _at_least_one(torch.where(labelled, weights[:, 1:], 0.0).sum())
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -377,19 +410,25 @@ def sides_logps(
     sft_on_prompt: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed answer log-probs and answer token counts of the `sides` (concatenated), and the NLL of
-    the SFT term on the chosen rows (None when `sft_on_prompt` is None: no NLL wanted).
+    the SFT term on the chosen rows (None when `sft_on_prompt` is None: no NLL wanted). A batch with
+    answer-token weights (`chosen_weights`, ...: mint.pairs.weights) gives weighted sums and counts.
 
     The forward is asked for the logits at the labelled positions only.
     """
     labels = torch.cat([batch[f"{side}_labels"] for side in sides])
+    weights = None
+    if f"{sides[0]}_weights" in batch:
+        weights = torch.cat([batch[f"{side}_weights"] for side in sides])
     keep = predictor_mask(labels)
     nll_labels = None
     if sft_on_prompt is not None:
         nll_labels = sft_labels(batch, sft_on_prompt, output_vocab_size(model))
         keep[: nll_labels.shape[0]] |= predictor_mask(nll_labels)
     logits = forward(model, batch, sides, keep)
-    sums, counts = answer_logps(logits, labels)
-    nll = nll_from(logits, nll_labels) if nll_labels is not None else None
+    sums, counts = answer_logps(logits, labels, weights)
+    nll = None
+    if nll_labels is not None:  # the chosen rows come first; weights are 1 on their prompts
+        nll = nll_from(logits, nll_labels, None if weights is None else weights[: nll_labels.shape[0]])
     return sums, counts, nll
 
 

@@ -95,6 +95,10 @@ def reference_logps(
         "student": student,
         "packed": is_packed(collator),
     }
+    # Weighted sums (mint.pairs.weights) are other numbers; keys without weights stay as they were.
+    if "chosen_weights" in as_item(pairs[0]):
+        weights = [[item["chosen_weights"], item["rejected_weights"]] for item in map(as_item, pairs)]
+        key["answer_weights"] = hashlib.sha256(json.dumps(weights).encode()).hexdigest()
 
     def make(folder: Path) -> None:
         scored = attach_reference_logps(model, pairs, collator, batch_size, forward)

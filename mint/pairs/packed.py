@@ -34,7 +34,8 @@ class PackedPreferenceCollator:
     """Right-padded rows [prompt, chosen, rejected] with segment and position ids.
 
     The 4D mask is not built here: it is B·T² values, so the forward builds it on the
-    model's device from `segment_ids` (or a BlockMask from the same ids).
+    model's device from `segment_ids` (or a BlockMask from the same ids). Pairs carrying
+    answer-token weights (mint.pairs.weights) give `token_weights` [B, T] too (1 off the answers).
     """
 
     def __init__(self, pad_token_id: int):
@@ -69,6 +70,13 @@ class PackedPreferenceCollator:
             "chosen_lengths": torch.tensor([len(it["chosen_ids"]) for it in items], dtype=torch.long),
             "rejected_lengths": torch.tensor([len(it["rejected_ids"]) for it in items], dtype=torch.long),
         }
+        if "chosen_weights" in items[0]:  # rank-discounted answer tokens (mint.pairs.weights)
+            weights = torch.ones((n, length), dtype=torch.float32)
+            for row, it in enumerate(items):
+                answers = it["chosen_weights"] + it["rejected_weights"]
+                start = len(it["prompt_ids"])
+                weights[row, start : start + len(answers)] = torch.tensor(answers)
+            batch["token_weights"] = weights
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in items[0]:
                 batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)

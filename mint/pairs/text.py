@@ -154,7 +154,11 @@ def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 class PreferenceCollator:
-    """Right-pads chosen and rejected sequences to one common length so they can be concatenated."""
+    """Right-pads chosen and rejected sequences to one common length so they can be concatenated.
+
+    Pairs carrying answer-token weights (mint.pairs.weights) give `chosen_weights` /
+    `rejected_weights` [B, T] too: each token's weight at its label's position, 1 elsewhere.
+    """
 
     def __init__(self, pad_token_id: int, label_pad_id: int = -100):
         self.pad_token_id = pad_token_id
@@ -179,6 +183,12 @@ class PreferenceCollator:
             batch[f"{side}_input_ids"] = ids
             batch[f"{side}_attention_mask"] = mask
             batch[f"{side}_labels"] = labels
+            if f"{side}_weights" in items[0]:  # rank-discounted answer tokens (mint.pairs.weights)
+                weights = torch.ones((len(items), length), dtype=torch.float32)
+                for row, it in enumerate(items):
+                    start = len(it["prompt_ids"])
+                    weights[row, start : start + len(it[f"{side}_ids"])] = torch.tensor(it[f"{side}_weights"])
+                batch[f"{side}_weights"] = weights
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in items[0]:
                 batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)

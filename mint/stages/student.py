@@ -34,6 +34,7 @@ from mint.optim.reference import reference_logps
 from mint.optim.trunk import TrunkCollator, cached_trunk, with_trunk_rows
 from mint.pairs.loaders import make_loaders
 from mint.pairs.rows import Rows, pairs_to_texts
+from mint.pairs.weights import with_answer_weights
 from mint.report import scrub, write_metrics
 from mint.resume import LAST, TrainingRecord, start_checkpoint
 from mint.stages.trainer import (
@@ -64,6 +65,7 @@ class MethodSettings:
     sft_on_prompt: bool  # NLL over prompt + chosen (TRL's ORPO) instead of chosen only
     packed: bool  # one [prompt, chosen, rejected] row per pair
     length_grouped: bool  # packed: batches of similar lengths instead of a plain shuffle
+    answer_rank_decay: float  # answer tokens weigh k^-p by their item's rank k (mint/pairs/weights.py)
     batch_size: int
     eval_batch_size: int
     warmup_ratio: float
@@ -148,6 +150,7 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
         sft_on_prompt=o.sft_on_prompt,
         packed=o.packed,
         length_grouped=o.length_grouped,
+        answer_rank_decay=o.answer_rank_decay,
         batch_size=o.batch_size,
         eval_batch_size=o.eval_batch_size,
         warmup_ratio=o.warmup_ratio,
@@ -161,8 +164,11 @@ def student_job(cfg: DictConfig, kind: StudentKind) -> StudentJob:
     )
     identity = {
         "student": plain(s),
-        # beta is DPO's: a sweep over it shares one SFT start
-        "optim": {k: v for k, v in plain(o).items() if k != "beta"},
+        # beta is DPO's: a sweep over it shares one SFT start. answer_rank_decay at its default (0) is
+        # left out, so that stage caches and checkpoints made before it existed stay valid.
+        "optim": {
+            k: v for k, v in plain(o).items() if k != "beta" and not (k == "answer_rank_decay" and v == 0)
+        },
         "trainer": plain(cfg.trainer),
         "task_lengths": [lengths.max_length, lengths.max_prompt_length, task.get("prompt_truncation")],
         "seed": cfg.seed,
@@ -327,6 +333,10 @@ def fit_student(
     )
     train_pairs, train_report = kind.encode(processor, rows.train, job.lengths)
     val_pairs, val_report = kind.encode(processor, rows.val, job.lengths)
+    if settings.answer_rank_decay:  # each answer token's weight in the losses (mint/pairs/weights.py)
+        tokenizer, decay = kind.tokenizer(processor), settings.answer_rank_decay
+        train_pairs = with_answer_weights(train_pairs, tokenizer, decay)
+        val_pairs = with_answer_weights(val_pairs, tokenizer, decay)
     collator = kind.collator(processor, settings.packed)
     timings: dict[str, float] = {}  # where the stage's time went: time/student/<part>_s
     if job.student.train_top_layers is not None and trains:
