@@ -38,7 +38,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mint.cli import compose_config
 from mint.pairs.rows import pairs_to_texts
-from mint.pairs.weights import answer_weights, newline_counts
 from mint.prefs.builder import PromptTemplate
 from mint.stages.prefs import prefs_stage
 from mint.stages.student import student_job
@@ -49,10 +48,11 @@ TARGETS = ("truth", "teacher1", "list", "list_w1", "list_w2")
 
 
 def answer_with_weights(tokenizer, answer: str, power: float) -> tuple[list[int], list[float]]:
-    """The answer's token ids (then EOS) and each token's weight k^-power, k its item's rank, as
-    `optim.answer_rank_decay` weighs them in training (mint/pairs/weights.py)."""
-    ids = tokenizer(answer + tokenizer.eos_token)["input_ids"]
-    return ids, answer_weights(ids, newline_counts(tokenizer, set(ids)), power)
+    """The answer's token ids (then EOS) and each token's weight k^-power, k its item's rank (every
+    token of the item's line: `optim.answer_rank_decay` weighs the names only, mint/pairs/weights.py)."""
+    encoded = tokenizer(answer + tokenizer.eos_token, return_offsets_mapping=True)
+    items = [max(answer[:start].count("\n"), 1) for start, _ in encoded["offset_mapping"]]
+    return encoded["input_ids"], [k**-power for k in items]
 
 
 def pad(seqs: list[list[int]]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from mint.optim.module import PreferenceModule
 from mint.pairs.packed import PackedPreferenceCollator
 from mint.pairs.text import PreferenceCollator, TokenizedPair, as_item
-from mint.pairs.weights import answer_weights, item_ranks, newline_counts, with_answer_weights
+from mint.pairs.weights import answer_weights, name_ranks, token_texts, with_answer_weights
 from mint.run import run
 from mint.student.tiny import train_tokenizer
 from tests.conftest import random_llama
@@ -28,18 +28,23 @@ def tokenizer():
     return train_tokenizer(corpus, vocab_size=300)
 
 
-def test_each_answer_token_belongs_to_the_item_on_its_line(tokenizer):
+def test_each_name_token_takes_its_rank_and_the_format_keeps_weight_one(tokenizer):
     ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
-    ranks = item_ranks(ids, newline_counts(tokenizer, set(ids)))
-    text_of = {k: tokenizer.decode([t for t, r in zip(ids, ranks, strict=True) if r == k]) for k in (1, 2, 3)}
-    # the header shares item 1; a line's newline closes it; the end-of-turn closes the last item
+    texts = token_texts(tokenizer, set(ids))
+    ranks = name_ranks(ids, texts)
+    text_of = {k: "".join(texts[t] for t, r in zip(ids, ranks, strict=True) if r == k) for k in range(4)}
     assert text_of == {
-        1: "POTENTIAL_DISEASES:\n1. 'Alpha syndrome'\n",
-        2: "2. 'Beta'\n",
-        3: "3. 'Gamma disease'<|im_end|>\n",
+        0: "POTENTIAL_DISEASES:\n1. ''\n2. ''\n3. ''<|im_end|>\n",  # header, numbers, quotes, the end
+        1: "Alpha syndrome",
+        2: "Beta",
+        3: "Gamma disease",
     }
-    weights = answer_weights(ids, newline_counts(tokenizer, set(ids)), decay=2.0)
+    weights = answer_weights(ids, texts, decay=2.0)
+    assert weights == [1.0 if k < 2 else pytest.approx(k**-2.0) for k in ranks]
     assert sorted(set(weights), reverse=True) == [1.0, 0.25, pytest.approx(1 / 9)]
+    # free text (no quoted names on numbered lines) keeps weight 1 throughout
+    free = tokenizer("Alpha syndrome\nBeta\nGamma disease", add_special_tokens=False)["input_ids"]
+    assert set(answer_weights(free, token_texts(tokenizer, set(free)), decay=2.0)) == {1.0}
 
 
 def test_decay_zero_leaves_the_pairs_as_they_are_and_a_negative_one_is_refused(tokenizer):
