@@ -244,8 +244,8 @@ class OptimConfig:
     # Packed only: batches of rows of similar length (less padding; mint/pairs/packed.py); false:
     # a plain seeded shuffle, as unpacked training has.
     length_grouped: bool = False
-    # Each answer token's loss weighs k^-p, k the rank of the item on its line (the header: 1), in
-    # every method's NLL and log-probs (mint/pairs/weights.py); 0: every token weighs 1, as TRL.
+    # The tokens of an answer's k-th name weigh k^-p in every method's NLL and log-probs, the format
+    # (header, numbers, quotes, end) 1 (mint/pairs/weights.py); 0: every token weighs 1, as TRL.
     answer_rank_decay: float = bounded(0.0, ge=0)
 
     batch_size: int = bounded(8, ge=1)
