@@ -42,6 +42,11 @@ def test_each_name_token_takes_its_rank_and_the_format_keeps_weight_one(tokenize
     weights = answer_weights(ids, texts, decay=2.0)
     assert weights == [1.0 if k < 2 else pytest.approx(k**-2.0) for k in ranks]
     assert sorted(set(weights), reverse=True) == [1.0, 0.25, pytest.approx(1 / 9)]
+    # a name's rank is its line's number, wherever the line is (a blank line, a two-line header)
+    shifted = tokenizer("POTENTIAL\nDISEASES:\n\n2. 'Beta'", add_special_tokens=False)["input_ids"]
+    texts = token_texts(tokenizer, set(shifted))
+    assert {texts[t] for t, r in zip(shifted, name_ranks(shifted, texts), strict=True) if r} == {"Beta"}
+    assert set(name_ranks(shifted, texts)) == {0, 2}
     # free text (no quoted names on numbered lines) keeps weight 1 throughout
     free = tokenizer("Alpha syndrome\nBeta\nGamma disease", add_special_tokens=False)["input_ids"]
     assert set(answer_weights(free, token_texts(tokenizer, set(free)), decay=2.0)) == {1.0}
