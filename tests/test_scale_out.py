@@ -237,7 +237,12 @@ def test_optuna_sweep_runs_two_trials_and_names_the_best_params(tmp_path, monkey
     trials = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
     assert [p.name.split("_")[0] for p in trials] == ["0", "1"]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optim.beta", "student.learning_rate", "student.lora.r"}
+    assert set(best["best_params"]) == {
+        "optim.beta",
+        "student.learning_rate",
+        "student.lora.r",
+        "optim.answer_rank_decay",
+    }
 
     values, params = [], []
     for trial in trials:
@@ -250,10 +255,12 @@ def test_optuna_sweep_runs_two_trials_and_names_the_best_params(tmp_path, monkey
                 "optim.beta": config.optim.beta,
                 "student.learning_rate": config.student.learning_rate,
                 "student.lora.r": config.student.lora.r,
+                "optim.answer_rank_decay": config.optim.answer_rank_decay,
             }
         )
         assert config.optim.optimizer.lr == config.student.learning_rate
         assert 0.02 <= config.optim.beta <= 1.0 and config.student.lora.r in (16, 64, 256)
+        assert config.optim.answer_rank_decay in (0.0, 1.0, 2.0)
     assert params[0] != params[1]
     assert best["best_value"] == pytest.approx(max(values))
     assert best["best_params"] in [p for p, v in zip(params, values, strict=True) if v == max(values)]
