@@ -19,7 +19,7 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SUBCOMMANDS = ("ask", "export", "runs")
-# Groups shown by `mint --help`, in this order (debug_task and hydra's own groups are internal).
+# Groups shown by `mint --help`, in this order (the *_task groups and hydra's own are internal).
 GROUPS = (
     "task",
     "optim",

@@ -130,6 +130,25 @@ def test_the_main_job_is_the_tissue_task():
     assert (cfg.task.name, cfg.optim.method, cfg.student.modality) == ("tissue", "orpo", "image")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "decay"),
+    [
+        (["task=rare_disease"], 2.0),  # the task's own default (conf/optim_task/rare_disease.yaml)
+        (["task=rare_disease", "optim=sft"], 2.0),  # whichever method
+        (["task=rare_disease", "optim.answer_rank_decay=0"], 0.0),  # the command line wins
+        (["task=tissue"], 0.0),
+        (["task=example"], 0.0),
+        (["experiment=paper_rare_disease"], 0.0),  # the paper's ORPO
+        (["experiment=smollm2_rare_disease"], 0.0),  # as its recorded numbers were measured
+    ],
+)
+def test_a_task_sets_its_own_optim_defaults_below_the_command_line(overrides, decay):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    assert cfg.optim.answer_rank_decay == decay
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_experiments_take_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
     # Emulated bf16 (an AVX2 CPU) trained 37x slower than float32: the SmolLM2 CPU experiments

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from mint.pairs.packed import CHOSEN, PAD, PROMPT, REJECTED
+from mint.pairs.text import SIDES
 
 # forward(model, batch, sides, keep) -> logits of the given sides of an unpacked batch, concatenated
 # along the batch dim in that order: with `keep` ([N, T] boolean) a `KeptLogits` holding the kept
 # positions only (it may also return all logits, [N, T, V]; the log-probs are the same).
 SidesForward = Callable[..., Any]
-SIDES = ("chosen", "rejected")
 
 
 # --------------------------------------------------------------------------- masks

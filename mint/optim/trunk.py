@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from mint.cache import cached
 from mint.eval.ranking import expanded_cache
 from mint.pairs.packed import CHOSEN, PROMPT, PackedPreferenceCollator, packed_length
-from mint.pairs.text import as_item
+from mint.pairs.text import SIDES, as_item
 
 log = logging.getLogger("mint.trunk")
 Collator = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
@@ -351,7 +351,7 @@ def sequence_lengths(pairs: Sequence[Any], packed: bool) -> list[int]:
     lengths = []
     for pair in pairs:
         item = as_item(pair)
-        lengths += [len(item["prompt_ids"]) + len(item[f"{side}_ids"]) for side in ("chosen", "rejected")]
+        lengths += [len(item["prompt_ids"]) + len(item[f"{side}_ids"]) for side in SIDES]
     return lengths
 
 
@@ -382,7 +382,7 @@ def build_trunk(
                 )
                 yield inputs, indices
             else:
-                sides = ("chosen", "rejected")
+                sides = SIDES
                 inputs = dict(
                     input_ids=torch.cat([batch[f"{side}_input_ids"] for side in sides]),
                     attention_mask=torch.cat([batch[f"{side}_attention_mask"] for side in sides]),

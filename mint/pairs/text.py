@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 log = logging.getLogger("mint.pairs")
+SIDES = ("chosen", "rejected")  # the two answers of a pair, in the order every batch stacks them
 
 
 def as_item(pair: Any) -> dict[str, Any]:
@@ -166,11 +167,9 @@ class PreferenceCollator:
 
     def __call__(self, pairs: Sequence[TokenizedPair | dict]) -> dict[str, torch.Tensor]:
         items = [as_item(p) for p in pairs]
-        length = max(
-            len(it["prompt_ids"]) + len(it[f"{side}_ids"]) for it in items for side in ("chosen", "rejected")
-        )
+        length = max(len(it["prompt_ids"]) + len(it[f"{side}_ids"]) for it in items for side in SIDES)
         batch = {"prompt_lengths": torch.tensor([len(it["prompt_ids"]) for it in items], dtype=torch.long)}
-        for side in ("chosen", "rejected"):
+        for side in SIDES:
             ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(items), length), dtype=torch.long)
             labels = torch.full((len(items), length), self.label_pad_id, dtype=torch.long)

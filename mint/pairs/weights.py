@@ -23,9 +23,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mint.pairs.text import as_item
+from mint.pairs.text import SIDES, as_item
 
-SIDES = ("chosen", "rejected")
 _NUMBERED = re.compile(
     r"\s*(\d{1,3})\s*[.):-]"
 )  # "3. 'Name'": the name of rank 3 (as mint.prefs.formats reads it)

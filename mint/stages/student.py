@@ -335,8 +335,9 @@ def fit_student(
     val_pairs, val_report = kind.encode(processor, rows.val, job.lengths)
     if settings.answer_rank_decay:  # each answer token's weight in the losses (mint/pairs/weights.py)
         tokenizer, decay = kind.tokenizer(processor), settings.answer_rank_decay
-        train_pairs = with_answer_weights(train_pairs, tokenizer, decay)
-        val_pairs = with_answer_weights(val_pairs, tokenizer, decay)
+        # train and val together: each token of the vocabulary they use is decoded once
+        weighted = with_answer_weights([*train_pairs, *val_pairs], tokenizer, decay)
+        train_pairs, val_pairs = weighted[: len(train_pairs)], weighted[len(train_pairs) :]
     collator = kind.collator(processor, settings.packed)
     timings: dict[str, float] = {}  # where the stage's time went: time/student/<part>_s
     if job.student.train_top_layers is not None and trains:

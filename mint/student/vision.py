@@ -35,6 +35,7 @@ from transformers import (
 
 from mint.eval.trunk_ranking import RowInputs
 from mint.optim.forward import KeptLogits, logits_at
+from mint.pairs.text import SIDES
 from mint.pairs.vision import IMAGE_KEYS, VisionPair, image_inputs
 from mint.student.load import (
     DTYPES,
@@ -374,7 +375,7 @@ def _mllama_model(model: torch.nn.Module) -> torch.nn.Module:
 def image_sides_logits(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    sides: tuple[str, ...] = ("chosen", "rejected"),
+    sides: tuple[str, ...] = SIDES,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor | KeptLogits:
     """Logits of the given sides of a VisionPreferenceCollator batch, concatenated along the batch:
