@@ -100,6 +100,11 @@ ABLATIONS = {
     "sft_truth": Ablation("sft, true label only", "sft", ("task.prefs.ranking=truth",)),
     # The teacher's lists, with the truth put into `chosen` where the teacher missed it.
     "orpo_truth": Ablation("orpo, truth forced into chosen", "orpo", ("task.prefs.force_truth=true",)),
+    # The true label first, then the teacher's list: does the teacher add to the label? (With
+    # rank-discounted answers the last slot, where orpo_truth puts a missed truth, weighs 1/100.)
+    "orpo_truth_first": Ablation(
+        "orpo, truth first, then the teacher's list", "orpo", ("task.prefs.ranking=truth_then_teacher",)
+    ),
     # DPO with an NLL term on the chosen answer (RPO): the paper's DPO collapsed on tissue.
     "dpo_rpo": Ablation("dpo + NLL (rpo_alpha=1)", "dpo", ("optim.rpo_alpha=1.0",)),
     # The same from the base model, as ORPO starts: dpo_rpo's steps come on top of its SFT

@@ -138,8 +138,9 @@ class PrefsConfig:
     negatives: str = chosen_from("bottom", "bottom", "hard")
     force_truth: bool = False  # put the true label into `chosen` when the teacher missed it
     # teacher: lists ordered by the teacher (MINT); truth: the true label first, the rest in a
-    # random order per sample - the teacher-free ablation ("SFT on the true label alone")
-    ranking: str = chosen_from("teacher", "teacher", "truth")
+    # random order per sample - the teacher-free ablation ("SFT on the true label alone");
+    # truth_then_teacher: the true label first, then the teacher's order without it
+    ranking: str = chosen_from("teacher", "teacher", "truth", "truth_then_teacher")
 
 
 @dataclass

@@ -49,6 +49,9 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert {"seed=2", "optim=orpo", *UNIMODAL} <= by_folder["ablations/orpo_unimodal_seed2"]
     assert {"optim=sft", "task.prefs.ranking=truth"} <= by_folder["ablations/sft_truth_seed1"]
     assert {"optim=orpo", "task.prefs.force_truth=true"} <= by_folder["ablations/orpo_truth_seed1"]
+    assert {"optim=orpo", "task.prefs.ranking=truth_then_teacher"} <= by_folder[
+        "ablations/orpo_truth_first_seed2"
+    ]
     assert {"optim=dpo", "optim.rpo_alpha=1.0"} <= by_folder["ablations/dpo_rpo_seed2"]
     assert "optim.init_from_sft=false" not in by_folder["ablations/dpo_rpo_seed2"]
     assert {"optim=dpo", "optim.rpo_alpha=1.0", "optim.init_from_sft=false"} <= by_folder[
@@ -192,27 +195,39 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
         compare.collect(tmp_path / "runs", None)
 
 
-@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth"])
+@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth", "orpo_truth_first"])
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
     """At smoke size, through the real stages: the ablation's overrides change the rows, which
     without them (MINT's own pairs) do not already have the property."""
 
-    def truth_in_chosen(*overrides: str) -> tuple[list[bool], list[bool]]:
-        """Per training row: is the truth the chosen list's first name; is it in the list."""
+    def truth_in_chosen(*overrides: str) -> tuple[list[bool], list[bool], list[list[str]]]:
+        """Per training row: is the truth the chosen list's first name; is it in the list; the
+        list's names other than the truth, in order."""
         cfg = make_cfg(*SMOKE, *overrides)
         task = load_task(cfg.task)
         teacher, key = teacher_stage(cfg, task)
         rows, _ = prefs_stage(cfg, student_kind(cfg), task, teacher, key)
         first = [row["chosen"][0]["content"].splitlines()[1] for row in rows.train]
         truth_first = [line == f"1. '{row['truth']}'" for line, row in zip(first, rows.train, strict=True)]
-        return truth_first, [row["truth"] in row["chosen"][0]["content"] for row in rows.train]
+        others = [
+            [line.split(". ", 1)[1] for line in row["chosen"][0]["content"].splitlines()[1:]]
+            for row in rows.train
+        ]
+        others = [
+            [name for name in names if name != f"'{row['truth']}'"]
+            for names, row in zip(others, rows.train, strict=True)
+        ]
+        return truth_first, [row["truth"] in row["chosen"][0]["content"] for row in rows.train], others
 
-    truth_first, in_chosen = truth_in_chosen(*compare.ABLATIONS[ablation].overrides)
-    mint_first, mint_in_chosen = truth_in_chosen()
+    truth_first, in_chosen, others = truth_in_chosen(*compare.ABLATIONS[ablation].overrides)
+    mint_first, mint_in_chosen, mint_others = truth_in_chosen()
     if ablation == "sft_truth":
         assert all(truth_first) and not all(mint_first)
-    else:  # the teacher's order, the truth added where the teacher left it out
+    elif ablation == "orpo_truth":  # the teacher's order, the truth added where the teacher left it out
         assert all(in_chosen) and not all(mint_in_chosen) and not all(truth_first)
+    else:  # the truth first, then the teacher's list without it: its head, in its order
+        assert all(truth_first) and not all(mint_first)
+        assert all(mine == theirs[: len(mine)] for mine, theirs in zip(others, mint_others, strict=True))
 
 
 def _run_with_predictions(runs_dir: Path, method: str, seed: int, hits: list[int]) -> None:

@@ -66,6 +66,31 @@ def test_rows_follow_the_teacher_and_the_answer_format(tmp_path):
     assert metadata.task_categories == ["text-generation"] and "mint" in metadata.tags
 
 
+def test_truth_then_teacher_puts_the_truth_first_and_keeps_the_teachers_order_after_it():
+    """Teacher prefers A > B > ... > H for every sample; sample i's truth is label i (A, B, C, D)."""
+    scores = np.tile(np.arange(len(LABELS), dtype=np.float32)[::-1], (4, 1))
+    rows = build_preference_rows(
+        _task(), scores, answer=FMT, prompt=PROMPT, q=2, ranking="truth_then_teacher"
+    )
+    chosen = [row["chosen"][0]["content"].splitlines()[1:] for row in rows]
+    assert chosen[0] == ["1. 'Syndrome A'", "2. 'Syndrome B'", "3. 'Syndrome C'"]  # the teacher was right
+    assert chosen[3] == ["1. 'Syndrome D'", "2. 'Syndrome A'", "3. 'Syndrome B'"]  # truth, then A > B
+    assert all(
+        row["rejected"][0]["content"].splitlines()[1:] == ["1. 'Syndrome H'", "2. 'Syndrome G'"]
+        for row in rows
+    )
+    # a truth the teacher put last comes first all the same, and is never rejected
+    last = build_preference_rows(
+        _task(), -scores, answer=FMT, prompt=PROMPT, q=2, ranking="truth_then_teacher"
+    )  # teacher prefers H > G > ... > A
+    assert last[0]["chosen"][0]["content"].splitlines()[1:] == [
+        "1. 'Syndrome A'",
+        "2. 'Syndrome H'",
+        "3. 'Syndrome G'",
+    ]
+    assert last[0]["rejected"][0]["content"].splitlines()[1:] == ["1. 'Syndrome B'", "2. 'Syndrome C'"]
+
+
 def test_wrong_score_shape_is_refused():
     with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \(4, 8\)"):
         build_preference_rows(_task(), np.zeros((4, 3)), answer=FMT, prompt=PROMPT, q=2)

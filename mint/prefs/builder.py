@@ -24,7 +24,7 @@ from mint.files import sha256_hex
 from mint.prefs.formats import AnswerFormat
 
 Negatives = Literal["bottom", "hard"]
-Ranking = Literal["teacher", "truth"]
+Ranking = Literal["teacher", "truth", "truth_then_teacher"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,14 @@ def build_preference_rows(
 
     `prompt(sample)` is the prompt as the student reads it (the student kind renders the
     template: mint/student/kinds.py); an image student's rows get their images attached after.
-    `ranking="truth"` ignores the teacher: `truth_first_order` (the teacher-free ablation).
+    `ranking="truth"` ignores the teacher: `truth_first_order` (the teacher-free ablation);
+    `"truth_then_teacher"` puts the true label first and the teacher's order after it (the label
+    where it is known for sure, the teacher's knowledge for the rest of the list).
     """
-    if ranking not in ("teacher", "truth"):
-        raise ValueError(f"task.prefs.ranking={ranking!r}: expected 'teacher' or 'truth'")
+    if ranking not in ("teacher", "truth", "truth_then_teacher"):
+        raise ValueError(
+            f"task.prefs.ranking={ranking!r}: expected 'teacher', 'truth' or 'truth_then_teacher'"
+        )
     samples = task.splits["train"]
     if train_scores.shape != (len(samples), len(task.labels)):
         raise ValueError(
@@ -107,6 +111,8 @@ def build_preference_rows(
             order = truth_first_order(sample, len(task.labels))
         else:
             order = np.argsort(-scores, kind="stable").tolist()
+            if ranking == "truth_then_teacher":
+                order = [sample.label] + [label for label in order if label != sample.label]
         chosen, rejected = choose_labels(
             order, sample.label, k=answer.n, q=q, negatives=negatives, force_truth=force_truth
         )
