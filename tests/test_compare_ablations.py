@@ -52,6 +52,9 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert {"optim=orpo", "task.prefs.ranking=truth_then_teacher"} <= by_folder[
         "ablations/orpo_truth_first_seed2"
     ]
+    assert {"optim=sft", "task.prefs.ranking=truth_then_teacher"} <= by_folder[
+        "ablations/sft_truth_first_seed1"
+    ]
     assert {"optim=dpo", "optim.rpo_alpha=1.0"} <= by_folder["ablations/dpo_rpo_seed2"]
     assert "optim.init_from_sft=false" not in by_folder["ablations/dpo_rpo_seed2"]
     assert {"optim=dpo", "optim.rpo_alpha=1.0", "optim.init_from_sft=false"} <= by_folder[
@@ -195,7 +198,7 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
         compare.collect(tmp_path / "runs", None)
 
 
-@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth", "orpo_truth_first"])
+@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth", "orpo_truth_first", "sft_truth_first"])
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
     """At smoke size, through the real stages: the ablation's overrides change the rows, which
     without them (MINT's own pairs) do not already have the property."""
@@ -225,7 +228,7 @@ def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
         assert all(truth_first) and not all(mint_first)
     elif ablation == "orpo_truth":  # the teacher's order, the truth added where the teacher left it out
         assert all(in_chosen) and not all(mint_in_chosen) and not all(truth_first)
-    else:  # the truth first, then the teacher's list without it: its head, in its order
+    else:  # *_truth_first: the truth first, then the teacher's list without it: its head, in its order
         assert all(truth_first) and not all(mint_first)
         assert all(mine == theirs[: len(mine)] for mine, theirs in zip(others, mint_others, strict=True))
 
