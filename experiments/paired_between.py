@@ -8,6 +8,12 @@ comparison folders (`--out` of experiments/compare.py) on the seeds both have: t
 top-1 minus the first's on the same test cases, mean over seeds, 95% paired bootstrap CI (cases
 resampled within each seed) and the seeds on which the second is ahead, as compare.py's
 comparison_paired.csv computes them for ORPO against the other methods.
+
+Two methods of one comparison, case by case: `A:B` compares the first folder's runs of A with the
+second's of B (the same folder twice for one comparison):
+
+    python experiments/paired_between.py experiments/results/rare_disease_decay2 \
+        experiments/results/rare_disease_decay2 --methods orpo_truth_first:sft_truth_first
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ def runs_of(folder: Path, method: str, label: str) -> list[RunResult]:
 
 def compare_folders(before: Path, after: Path, methods: list[str], metric: str = "top1") -> list[dict]:
     rows = []
-    for method in methods:
-        runs = runs_of(before, method, "before") + runs_of(after, method, "after")
+    for method in methods:  # "A" (the same method in both folders) or "A:B" (A in before, B in after)
+        before_method, _, after_method = method.partition(":")
+        after_method = after_method or before_method
+        runs = runs_of(before, before_method, "before") + runs_of(after, after_method, "after")
         found = paired_differences(runs, reference="after", metric=metric)
         if not found:
             raise SystemExit(f"{method}: no seed with finished runs in both {before} and {after}")
@@ -50,13 +58,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="comparison folder without the change")
     parser.add_argument("after", type=Path, help="comparison folder with it")
-    parser.add_argument("--methods", nargs="+", default=["sft", "orpo"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sft", "orpo"],
+        help="method names, or A:B for A in before against B in after",
+    )
     parser.add_argument("--metric", default="top1", help="a per-case 0/1 key of eval/predictions.jsonl")
     args = parser.parse_args()
     print(f"{args.metric}: {args.after} minus {args.before}, case by case")
     for row in compare_folders(args.before, args.after, args.methods, args.metric):
+        before_method, _, after_method = row["method"].partition(":")
+        label = f"{after_method} minus {before_method}" if after_method else before_method
         print(
-            f"{row['method']}: {row['diff_mean']:+.3f} [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]"
+            f"{label}: {row['diff_mean']:+.3f} [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]"
             f" over {row['n_seeds']} seeds, ahead on {row['seeds_ahead']}"
         )
 

@@ -36,3 +36,18 @@ def test_the_second_folder_minus_the_first_on_the_same_cases(tmp_path):
     assert rows[0]["diff_ci_low"] <= 0.25 <= rows[0]["diff_ci_high"]
     with pytest.raises(SystemExit, match="sft: no seed"):
         paired_between.compare_folders(before, after, ["sft"])
+
+
+def test_two_methods_of_one_comparison_case_by_case(tmp_path):
+    """`A:B`: B minus A on the same cases, here within one folder (SFT and ORPO on the same lists)."""
+    folder = tmp_path / "cmp"
+    _run(folder, "orpo_truth_first", 1, [0, 1, 1, 0], kind="ablations")
+    _run(folder, "sft_truth_first", 1, [1, 1, 1, 1], kind="ablations")
+    _run(folder, "orpo_truth_first", 2, [1, 1, 1, 1], kind="ablations")
+    _run(folder, "sft_truth_first", 2, [1, 1, 1, 0], kind="ablations")
+    (row,) = paired_between.compare_folders(folder, folder, ["orpo_truth_first:sft_truth_first"])
+    assert row["method"] == "orpo_truth_first:sft_truth_first"
+    assert (row["n_seeds"], row["seeds_ahead"]) == (2, 1)
+    assert row["diff_mean"] == pytest.approx((0.5 - 0.25) / 2)
+    with pytest.raises(SystemExit, match="orpo_truth_first:sft_truth: no seed"):
+        paired_between.compare_folders(folder, folder, ["orpo_truth_first:sft_truth"])
