@@ -13,8 +13,8 @@ What it does:
    runs are grouped: group = the comparison's name, job_type = method;
 2. with `--ablations`, the transfer ablations as extra student rows (ABLATIONS, runs/ablations/):
    ORPO on pairs ranked by the unimodal teacher, SFT on the true label alone, ORPO with the
-   truth forced into `chosen`, ORPO and SFT on the truth first then the teacher's list (SFT
-   also with the unimodal teacher's list), and DPO with an NLL term (rpo_alpha) from the SFT start (the
+   truth forced into `chosen`, ORPO and SFT on the truth first then the teacher's list (and
+   with the unimodal teacher's list after the truth), and DPO with an NLL term (rpo_alpha) from the SFT start (the
    paper's DPO start) and from the base (ORPO's start: the same number of steps), and ORPO at
    twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT at that budget;
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
@@ -115,6 +115,12 @@ ABLATIONS = {
     "sft_truth_first_unimodal": Ablation(
         "sft, truth first, then the unimodal teacher's list",
         "sft",
+        ("task.prefs.ranking=truth_then_teacher",),
+        unimodal_teacher=True,
+    ),
+    "orpo_truth_first_unimodal": Ablation(
+        "orpo, truth first, then the unimodal teacher's list",
+        "orpo",
         ("task.prefs.ranking=truth_then_teacher",),
         unimodal_teacher=True,
     ),

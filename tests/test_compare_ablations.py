@@ -58,6 +58,9 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert {"optim=sft", "task.prefs.ranking=truth_then_teacher", *UNIMODAL} <= by_folder[
         "ablations/sft_truth_first_unimodal_seed2"
     ]
+    assert {"optim=orpo", "task.prefs.ranking=truth_then_teacher", *UNIMODAL} <= by_folder[
+        "ablations/orpo_truth_first_unimodal_seed1"
+    ]
     assert {"optim=dpo", "optim.rpo_alpha=1.0"} <= by_folder["ablations/dpo_rpo_seed2"]
     assert "optim.init_from_sft=false" not in by_folder["ablations/dpo_rpo_seed2"]
     assert {"optim=dpo", "optim.rpo_alpha=1.0", "optim.init_from_sft=false"} <= by_folder[
