@@ -204,7 +204,10 @@ def test_a_folder_that_is_no_ablation_of_the_script_is_refused(tmp_path):
         compare.collect(tmp_path / "runs", None)
 
 
-@pytest.mark.parametrize("ablation", ["sft_truth", "orpo_truth", "orpo_truth_first", "sft_truth_first"])
+@pytest.mark.parametrize(
+    "ablation",
+    ["sft_truth", "orpo_truth", "orpo_truth_first", "sft_truth_first", "orpo_truth_first_unimodal"],
+)
 def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
     """At smoke size, through the real stages: the ablation's overrides change the rows, which
     without them (MINT's own pairs) do not already have the property."""
@@ -228,8 +231,15 @@ def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
         ]
         return truth_first, [row["truth"] in row["chosen"][0]["content"] for row in rows.train], others
 
-    truth_first, in_chosen, others = truth_in_chosen(*compare.ABLATIONS[ablation].overrides)
+    chosen = compare.ABLATIONS[ablation]
+    truth_first, in_chosen, others = truth_in_chosen(
+        *chosen.overrides, *(UNIMODAL if chosen.unimodal_teacher else ())
+    )
     mint_first, mint_in_chosen, mint_others = truth_in_chosen()
+    if chosen.unimodal_teacher:  # the rest is the unimodal teacher's order, not MINT's
+        _, _, unimodal_others = truth_in_chosen(*UNIMODAL)
+        assert others != [names[: len(mine)] for mine, names in zip(others, mint_others, strict=True)]
+        mint_others = unimodal_others
     if ablation == "sft_truth":
         assert all(truth_first) and not all(mint_first)
     elif ablation == "orpo_truth":  # the teacher's order, the truth added where the teacher left it out
