@@ -92,6 +92,9 @@ class Ablation:
     steps_factor: int = 1  # trains this many times the comparison's trainer.max_steps
 
 
+# The lists of the *_truth_first ablations: the true label first, then the teacher's order.
+TRUTH_FIRST = ("task.prefs.ranking=truth_then_teacher",)
+
 # --ablations: folder slug -> what it runs (issue 15's transfer ablations and the DPO variant).
 ABLATIONS = {
     # Does the multimodal teacher's extra knowledge reach the student? Same student and method,
@@ -103,25 +106,21 @@ ABLATIONS = {
     "orpo_truth": Ablation("orpo, truth forced into chosen", "orpo", ("task.prefs.force_truth=true",)),
     # The true label first, then the teacher's list: does the teacher add to the label? (With
     # rank-discounted answers the last slot, where orpo_truth puts a missed truth, weighs 1/100.)
-    "orpo_truth_first": Ablation(
-        "orpo, truth first, then the teacher's list", "orpo", ("task.prefs.ranking=truth_then_teacher",)
-    ),
+    "orpo_truth_first": Ablation("orpo, truth first, then the teacher's list", "orpo", TRUTH_FIRST),
     # The same lists with SFT: does that row need ORPO's rejected side, or only its chosen lists?
-    "sft_truth_first": Ablation(
-        "sft, truth first, then the teacher's list", "sft", ("task.prefs.ranking=truth_then_teacher",)
-    ),
+    "sft_truth_first": Ablation("sft, truth first, then the teacher's list", "sft", TRUTH_FIRST),
     # ... and with the unimodal teacher's list after the truth: does the multimodal teacher's
     # knowledge still reach the student when the label is given too?
     "sft_truth_first_unimodal": Ablation(
         "sft, truth first, then the unimodal teacher's list",
         "sft",
-        ("task.prefs.ranking=truth_then_teacher",),
+        TRUTH_FIRST,
         unimodal_teacher=True,
     ),
     "orpo_truth_first_unimodal": Ablation(
         "orpo, truth first, then the unimodal teacher's list",
         "orpo",
-        ("task.prefs.ranking=truth_then_teacher",),
+        TRUTH_FIRST,
         unimodal_teacher=True,
     ),
     # DPO with an NLL term on the chosen answer (RPO): the paper's DPO collapsed on tissue.

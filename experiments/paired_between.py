@@ -41,11 +41,16 @@ def runs_of(folder: Path, method: str, label: str) -> list[RunResult]:
     return runs
 
 
+def method_pair(method: str) -> tuple[str, str]:
+    """ "A" -> (A, A): the same method in both folders; "A:B" -> (A, B): A in before, B in after."""
+    before_method, _, after_method = method.partition(":")
+    return before_method, after_method or before_method
+
+
 def compare_folders(before: Path, after: Path, methods: list[str], metric: str = "top1") -> list[dict]:
     rows = []
-    for method in methods:  # "A" (the same method in both folders) or "A:B" (A in before, B in after)
-        before_method, _, after_method = method.partition(":")
-        after_method = after_method or before_method
+    for method in methods:
+        before_method, after_method = method_pair(method)
         runs = runs_of(before, before_method, "before") + runs_of(after, after_method, "after")
         found = paired_differences(runs, reference="after", metric=metric)
         if not found:
@@ -68,8 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.metric}: {args.after} minus {args.before}, case by case")
     for row in compare_folders(args.before, args.after, args.methods, args.metric):
-        before_method, _, after_method = row["method"].partition(":")
-        label = f"{after_method} minus {before_method}" if after_method else before_method
+        before_method, after_method = method_pair(row["method"])
+        label = before_method if after_method == before_method else f"{after_method} minus {before_method}"
         print(
             f"{label}: {row['diff_mean']:+.3f} [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]"
             f" over {row['n_seeds']} seeds, ahead on {row['seeds_ahead']}"

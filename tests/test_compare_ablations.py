@@ -219,17 +219,14 @@ def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
         task = load_task(cfg.task)
         teacher, key = teacher_stage(cfg, task)
         rows, _ = prefs_stage(cfg, student_kind(cfg), task, teacher, key)
-        first = [row["chosen"][0]["content"].splitlines()[1] for row in rows.train]
-        truth_first = [line == f"1. '{row['truth']}'" for line, row in zip(first, rows.train, strict=True)]
-        others = [
-            [line.split(". ", 1)[1] for line in row["chosen"][0]["content"].splitlines()[1:]]
-            for row in rows.train
-        ]
-        others = [
-            [name for name in names if name != f"'{row['truth']}'"]
-            for names, row in zip(others, rows.train, strict=True)
-        ]
-        return truth_first, [row["truth"] in row["chosen"][0]["content"] for row in rows.train], others
+        truth_first, in_chosen, others = [], [], []
+        for row in rows.train:
+            names = [line.split(". ", 1)[1] for line in row["chosen"][0]["content"].splitlines()[1:]]
+            truth = f"'{row['truth']}'"
+            truth_first.append(names[0] == truth)
+            in_chosen.append(truth in names)
+            others.append([name for name in names if name != truth])
+        return truth_first, in_chosen, others
 
     chosen = compare.ABLATIONS[ablation]
     truth_first, in_chosen, others = truth_in_chosen(

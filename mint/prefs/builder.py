@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from mint.prefs.formats import AnswerFormat
 
 Negatives = Literal["bottom", "hard"]
 Ranking = Literal["teacher", "truth", "truth_then_teacher"]
+RANKINGS: tuple[str, ...] = get_args(Ranking)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +96,8 @@ def build_preference_rows(
     `"truth_then_teacher"` puts the true label first and the teacher's order after it (the label
     where it is known for sure, the teacher's knowledge for the rest of the list).
     """
-    if ranking not in ("teacher", "truth", "truth_then_teacher"):
-        raise ValueError(
-            f"task.prefs.ranking={ranking!r}: expected 'teacher', 'truth' or 'truth_then_teacher'"
-        )
+    if ranking not in RANKINGS:
+        raise ValueError(f"task.prefs.ranking={ranking!r}: expected one of {', '.join(RANKINGS)}")
     samples = task.splits["train"]
     if train_scores.shape != (len(samples), len(task.labels)):
         raise ValueError(
