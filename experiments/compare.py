@@ -16,7 +16,8 @@ What it does:
    truth forced into `chosen`, ORPO and SFT on the truth first then the teacher's list (and
    with the unimodal teacher's list after the truth), and DPO with an NLL term (rpo_alpha) from the SFT start (the
    paper's DPO start) and from the base (ORPO's start: the same number of steps), and ORPO at
-   twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT at that budget;
+   twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT and ORPO on
+   the truth-first lists at that budget;
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
@@ -134,6 +135,10 @@ ABLATIONS = {
     "orpo_2x": Ablation("orpo, twice the steps (dpo_rpo's budget)", "orpo", steps_factor=2),
     # SFT given the same budget: is ORPO-600 above SFT at equal steps?
     "sft_2x": Ablation("sft, twice the steps", "sft", steps_factor=2),
+    # The truth first at twice the steps: on tissue both lift ORPO (top-5, top-1): do they add up?
+    "orpo_truth_first_2x": Ablation(
+        "orpo, truth first then the teacher's list, twice the steps", "orpo", TRUTH_FIRST, steps_factor=2
+    ),
 }
 
 

@@ -70,6 +70,9 @@ def test_every_ablation_runs_once_per_seed_with_its_own_overrides(tmp_path):
     assert "optim=orpo" in orpo_2x and orpo_2x[-1] == "trainer.max_steps=80"  # last: Hydra's last value wins
     sft_2x = next(job.overrides for job in made if job.folder.name == "sft_2x_seed1")
     assert "optim=sft" in sft_2x and sft_2x[-1] == "trainer.max_steps=80"
+    truth_first_2x = next(job.overrides for job in made if job.folder.name == "orpo_truth_first_2x_seed2")
+    assert "optim=orpo" in truth_first_2x and "task.prefs.ranking=truth_then_teacher" in truth_first_2x
+    assert truth_first_2x[-1] == "trainer.max_steps=80"
     assert not any(o.startswith("trainer.max_steps") for o in by_folder["methods/orpo_seed1"])
     assert not set(UNIMODAL) & by_folder["methods/orpo_seed1"]  # MINT itself: the multimodal teacher
     assert {"stage=teacher", *UNIMODAL} <= by_folder["unimodal_teacher/seed1"]
