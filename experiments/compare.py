@@ -16,8 +16,8 @@ What it does:
    truth forced into `chosen`, ORPO and SFT on the truth first then the teacher's list (and
    with the unimodal teacher's list after the truth), and DPO with an NLL term (rpo_alpha) from the SFT start (the
    paper's DPO start) and from the base (ORPO's start: the same number of steps), and ORPO at
-   twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT and ORPO on
-   the truth-first lists at that budget;
+   twice the comparison's steps (the budget of DPO + NLL with its SFT start), and SFT, and ORPO on
+   the truth-first lists, at that budget;
 3. one `stage=teacher` run per seed with the unimodal teacher (rare_disease: the note only,
    `teacher.model.modalities=[text]`; tissue: the image tower trained on the task alone, without
    descriptions or pretraining), a reference line beside the multimodal teacher;
