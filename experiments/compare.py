@@ -32,6 +32,9 @@ What it does:
 skipped, an interrupted one continues from its last checkpoint (`resume=true`).
 `--report-only` (the comparison's own arguments plus its --out) runs nothing: it writes the tables
 of the runs finished so far and names the runs still to come (a comparison spread over days).
+`--keep DIR` then copies the tables and each finished run's record (results.json, .hydra/*.yaml,
+eval/predictions.jsonl; no checkpoints) into DIR, e.g. experiments/results/<name>: `--report-only
+--out DIR` re-tables them there, and `--resume --out DIR` skips those runs.
 
 Statistics. Per method: the mean over seeds, the sample standard deviation over seeds and the
 min-max range (seed noise: teacher, preference set, student initialisation and data order all
@@ -733,6 +736,42 @@ def paired_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+# What a comparison's tables are made of, per finished run: kept (`--keep DIR`), they let
+# `--report-only --out DIR` re-table the comparison and `--resume --out DIR` skip those runs.
+# Checkpoints, adapters and W&B files stay behind: a few hundred KB a run instead of megabytes.
+RUN_RECORD = (
+    "results.json",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    ".hydra/hydra.yaml",
+    "eval/predictions.jsonl",
+)
+TABLES = (
+    "comparison.md",
+    "comparison.csv",
+    "comparison_runs.csv",
+    "comparison_paired.csv",
+    "comparison.png",
+    "sweep.json",
+)
+
+
+def keep_records(out_dir: Path, keep_dir: Path) -> int:
+    """Copy the tables of the comparison in `out_dir` and each finished run's RUN_RECORD into
+    `keep_dir` (e.g. experiments/results/<name>/), under the same relative paths. Files of the same
+    name are replaced, one by one and atomically; nothing else in `keep_dir` is touched, so records
+    of several machines or sessions add up there. Returns the number of runs kept."""
+    finished = sorted(results.parent for results in (out_dir / "runs").glob("*/*/results.json"))
+    for run in finished:
+        for name in RUN_RECORD:
+            if (run / name).is_file():
+                write_atomic(keep_dir / run.relative_to(out_dir) / name, (run / name).read_bytes())
+    for name in TABLES:
+        if (out_dir / name).is_file():
+            write_atomic(keep_dir / name, (out_dir / name).read_bytes())
+    return len(finished)
+
+
 def write_report(
     out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str, pending: list[str] = ()
 ) -> list[dict]:
@@ -790,6 +829,13 @@ def main(argv: list[str] | None = None) -> Path:
         "--no-unimodal-teacher", action="store_true", help="skip the unimodal teacher's reference row"
     )
     parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="after the report, copy the tables and every finished run's record (results.json, "
+        ".hydra/*.yaml, eval/predictions.jsonl) into this folder, e.g. experiments/results/<name>",
+    )
+    parser.add_argument(
         "--wandb", choices=("offline", "online", "disabled"), default=os.environ.get("WANDB_MODE", "offline")
     )
     parser.add_argument("--wandb-project", default="mint")
@@ -808,6 +854,8 @@ def main(argv: list[str] | None = None) -> Path:
         Path(args.out).resolve().name if args.out else f"compare-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     out_dir = (args.out or ROOT / "outputs" / "comparisons" / name).resolve()
+    if args.keep is not None and args.keep.resolve() == out_dir:
+        raise SystemExit(f"--keep {args.keep}: that is the comparison's own --out folder")
     runs_dir = out_dir / "runs"
     if args.report_only and not runs_dir.is_dir():
         raise SystemExit(f"--report-only: no comparison in {out_dir} (no runs/ folder)")
@@ -853,6 +901,7 @@ def main(argv: list[str] | None = None) -> Path:
     summary = write_report(out_dir, task, runs, order, shown_command, pending)
     if args.report_only:  # what ran stays recorded as the comparison's own run wrote it
         print((out_dir / "comparison.md").read_text())
+        _keep(out_dir, args.keep)
         return out_dir
     write_atomic(
         out_dir / "sweep.json",
@@ -874,7 +923,14 @@ def main(argv: list[str] | None = None) -> Path:
     log_wandb(out_dir, name, task, summary, runs, args.wandb, args.wandb_project)
     print((out_dir / "comparison.md").read_text())
     print(f"written to {out_dir}")
+    _keep(out_dir, args.keep)
     return out_dir
+
+
+def _keep(out_dir: Path, keep_dir: Path | None) -> None:
+    if keep_dir is not None:
+        kept = keep_records(out_dir, keep_dir)
+        print(f"kept the tables and the records of {kept} finished runs in {keep_dir}")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,51 @@ def test_a_comparison_run_in_parts_reports_despite_another_parts_unfinished_run(
     assert json.loads((tmp_path / "sweep.json").read_text())["name"] == tmp_path.name  # W&B group: --out's
 
 
+def test_keep_copies_the_records_that_retable_the_comparison_and_leave_the_rest(tmp_path, monkeypatch):
+    """--keep DIR: the tables and each finished run's record (not its checkpoints, not an unfinished
+    run) land in DIR beside the records DIR already held; DIR then re-tables the whole comparison."""
+    out, keep = tmp_path / "out", tmp_path / "kept"
+    _run_with_predictions(out / "runs", "sft", 1, [1, 0, 1, 0])
+    _run_with_predictions(out / "runs", "orpo", 1, [1, 1, 1, 0])
+    (out / "runs" / "methods" / "orpo_seed1" / "checkpoints").mkdir()
+    (out / "runs" / "methods" / "orpo_seed1" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (out / "runs" / "methods" / "dpo_seed1" / ".hydra").mkdir(parents=True)  # stopped mid-run
+    _run_with_predictions(keep / "runs", "orpo", 2, [0, 1, 1, 0])  # kept by an earlier session
+    (keep / "notes.md").write_text("ours")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--report-only ran a job"))
+    args = [
+        "task=rare_disease",
+        "--methods",
+        "sft",
+        "orpo",
+        "dpo",
+        "--no-unimodal-teacher",
+        "--wandb",
+        "disabled",
+    ]
+    compare.main([*args, "--seeds", "1", "--out", str(out), "--report-only", "--keep", str(keep)])
+
+    kept_runs = sorted(
+        p.relative_to(keep / "runs").as_posix() for p in (keep / "runs").rglob("*") if p.is_file()
+    )
+    assert kept_runs == [
+        f"methods/{run}/{name}"
+        for run in ("orpo_seed1", "orpo_seed2", "sft_seed1")
+        for name in (".hydra/config.yaml", "eval/predictions.jsonl", "results.json")
+    ]
+    sft = "methods/sft_seed1/eval/predictions.jsonl"
+    assert (keep / "runs" / sft).read_bytes() == (out / "runs" / sft).read_bytes()
+    assert (keep / "comparison.md").read_text() == (out / "comparison.md").read_text()
+    assert (keep / "notes.md").read_text() == "ours"
+
+    compare.main([*args, "--seeds", "1", "2", "--out", str(keep), "--report-only"])
+    rows = {row["method"]: row for row in read_csv(keep / "comparison.csv")}
+    assert (rows["orpo"]["n_seeds"], rows["sft"]["n_seeds"]) == ("2", "1")
+    assert float(rows["orpo"]["top1_mean"]) == (0.75 + 0.5) / 2
+    with pytest.raises(SystemExit, match="own --out folder"):
+        compare.main([*args, "--out", str(out), "--report-only", "--keep", str(out)])
+
+
 def test_ablation_rows_are_collected_under_their_names(tmp_path):
     runs_dir = tmp_path / "runs"
     for folder, seed, top1 in (("methods/sft_seed1", 1, 0.5), ("ablations/sft_truth_seed1", 1, 0.25)):
