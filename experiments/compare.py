@@ -323,25 +323,34 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
         parent = runs_dir / name
         return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
 
-    methods = finished(subfolders("methods"))
-    if not methods:
-        raise FileNotFoundError(f"no runs under {runs_dir / 'methods'} (finished ones)")
+    ablations = subfolders("ablations")
+    for folder in ablations:  # unfinished ones too: a misnamed folder is an error either way
+        if _row_of(folder)[1] not in ABLATIONS:
+            raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
+    # (run, its row, whether its teacher is the comparison's multimodal one)
+    students = [(run, str(run[1].optim.method), True) for run in finished(subfolders("methods"))] + [
+        (run, ABLATIONS[_row_of(run[0])[1]].row, not ABLATIONS[_row_of(run[0])[1]].unimodal_teacher)
+        for run in finished(ablations)
+    ]
+    if not students:
+        raise FileNotFoundError(f"no finished runs under {runs_dir / 'methods'} or {runs_dir / 'ablations'}")
     runs: list[RunResult] = []
     teachers: dict[int, RunResult] = {}
-    for folder, config, results in methods:
+    for (folder, config, results), row, multimodal_teacher in students:
         seed = int(config.seed)
-        values = _values(results, "test/", METRICS)
         runs.append(
             RunResult(
-                str(config.optim.method),
+                row,
                 "student",
                 seed,
-                values,
+                _values(results, "test/", METRICS),
                 folder,
                 _minutes(results),
                 _stage_minutes(results),
             )
         )
+        if not multimodal_teacher:  # its results hold the unimodal teacher's numbers
+            continue
         teacher = RunResult(
             MULTIMODAL_TEACHER, "reference", seed, _values(results, "teacher/test/", ("top1", "topk")), folder
         )
@@ -350,23 +359,8 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
                 f"seed {seed}: runs disagree on the teacher ({teachers[seed].folder} vs {folder})"
             )
         teachers.setdefault(seed, teacher)
+    # The teachers after the students, as the tables list them.
     runs += [teachers[s] for s in sorted(teachers)]
-    ablations = subfolders("ablations")
-    for folder in ablations:  # unfinished ones too: a misnamed folder is an error either way
-        if _row_of(folder)[1] not in ABLATIONS:
-            raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
-    for folder, config, results in finished(ablations):
-        runs.append(
-            RunResult(
-                ABLATIONS[_row_of(folder)[1]].row,
-                "student",
-                int(config.seed),
-                _values(results, "test/", METRICS),
-                folder,
-                _minutes(results),
-                _stage_minutes(results),
-            )
-        )
     if unimodal_name is not None:
         for folder, config, results in finished(subfolders("unimodal_teacher")):
             runs.append(
@@ -773,15 +767,22 @@ def keep_records(out_dir: Path, keep_dir: Path) -> int:
 
 
 def write_report(
-    out_dir: Path, task: str, runs: list[RunResult], order: list[str], command: str, pending: list[str] = ()
+    out_dir: Path,
+    task: str,
+    runs: list[RunResult],
+    order: list[str],
+    command: str,
+    pending: list[str] = (),
+    reference: str = PAIRED_REFERENCE,
 ) -> list[dict]:
     """comparison.md / .csv / _runs.csv / .png from the collected runs; returns the summary rows.
-    `pending`: the runs not finished yet, named in the .md (`--report-only`)."""
+    `pending`: the runs not finished yet, named in the .md (`--report-only`); `reference`: the row
+    the case-by-case table is about (its name in the tables)."""
     summary = summarize(runs, order)
     write_csv(out_dir / "comparison.csv", summary, SUMMARY_COLUMNS)
     per_run = [_run_row(r) for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed))]
     write_csv(out_dir / "comparison_runs.csv", per_run, RUN_COLUMNS)
-    paired = paired_differences(runs, order)
+    paired = paired_differences(runs, order, reference=reference)
     if paired:
         write_csv(out_dir / "comparison_paired.csv", paired, list(paired[0]))
     else:  # no longer any pair to compare: no stale table from an earlier report
@@ -798,7 +799,13 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run; task=... is required")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=METHODS,
+        help="the methods to run (default all; none at all with --ablations: those rows alone)",
+    )
     parser.add_argument(
         "--ablations",
         nargs="*",
@@ -826,6 +833,13 @@ def main(argv: list[str] | None = None) -> Path:
         help="run nothing: write the tables from the runs in --out finished so far, naming the others",
     )
     parser.add_argument(
+        "--paired-against",
+        default=PAIRED_REFERENCE,
+        choices=[*METHODS, *ABLATIONS],
+        help="the row the case-by-case table subtracts every other row from (default orpo: MINT), "
+        "e.g. orpo_2x to set ORPO and SFT at equal, longer training side by side",
+    )
+    parser.add_argument(
         "--no-unimodal-teacher", action="store_true", help="skip the unimodal teacher's reference row"
     )
     parser.add_argument(
@@ -846,6 +860,8 @@ def main(argv: list[str] | None = None) -> Path:
     task = task_name(args.overrides)
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
         raise SystemExit("--seeds and --methods must not repeat a value")
+    if not args.methods and not args.ablations:
+        raise SystemExit("--methods is empty and no --ablations are named: nothing to compare")
     for flag, given in (("--resume", args.resume), ("--report-only", args.report_only)):
         if given and args.out is None and args.name is None:
             raise SystemExit(f"{flag} needs the --out (or --name) of the comparison")
@@ -897,8 +913,12 @@ def main(argv: list[str] | None = None) -> Path:
     shown_command = "python experiments/compare.py " + shlex.join(
         [*args.overrides, "--seeds", *map(str, args.seeds), "--methods", *args.methods]
         + (["--ablations", *args.ablations] if args.ablations else [])
+        + (["--paired-against", args.paired_against] if args.paired_against != PAIRED_REFERENCE else [])
     )
-    summary = write_report(out_dir, task, runs, order, shown_command, pending)
+    reference = (
+        ABLATIONS[args.paired_against].row if args.paired_against in ABLATIONS else args.paired_against
+    )
+    summary = write_report(out_dir, task, runs, order, shown_command, pending, reference)
     if args.report_only:  # what ran stays recorded as the comparison's own run wrote it
         print((out_dir / "comparison.md").read_text())
         _keep(out_dir, args.keep)

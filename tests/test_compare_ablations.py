@@ -294,14 +294,20 @@ def test_the_truth_ablations_reach_the_training_pairs(make_cfg, ablation):
         assert all(mine == theirs[: len(mine)] for mine, theirs in zip(others, mint_others, strict=True))
 
 
-def _run_with_predictions(runs_dir: Path, method: str, seed: int, hits: list[int]) -> None:
-    """A finished run whose test cases c0, c1, ... were answered right (1) or wrong (0)."""
-    path = runs_dir / "methods" / f"{method}_seed{seed}"
+def _run_with_predictions(
+    runs_dir: Path, method: str, seed: int, hits: list[int], teacher_top1: float = 0.7
+) -> None:
+    """A finished run whose test cases c0, c1, ... were answered right (1) or wrong (0).
+    `method`: a method, or an ablation's slug (its run sits in runs/ablations/)."""
+    ablation = compare.ABLATIONS.get(method)
+    kind = "ablations" if ablation else "methods"
+    path = runs_dir / kind / f"{method}_seed{seed}"
     (path / ".hydra").mkdir(parents=True)
     (path / "eval").mkdir()
-    OmegaConf.save({"seed": seed, "optim": {"method": method}}, path / ".hydra" / "config.yaml")
+    optim = ablation.method if ablation else method
+    OmegaConf.save({"seed": seed, "optim": {"method": optim}}, path / ".hydra" / "config.yaml")
     (path / "results.json").write_text(
-        json.dumps({"test/top1": sum(hits) / len(hits), "teacher/test/top1": 0.7})
+        json.dumps({"test/top1": sum(hits) / len(hits), "teacher/test/top1": teacher_top1})
     )
     lines = [json.dumps({"id": f"c{i}", "top1": bool(hit)}) for i, hit in enumerate(hits)]
     (path / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
@@ -352,3 +358,50 @@ def test_a_rows_paired_ci_does_not_depend_on_the_other_rows(tmp_path):
     rows = compare.paired_differences(runs, n_boot=500)
     assert [row["method"] for row in rows] == ["dpo", "sft"]  # dpo's draws come first
     assert compare.paired_differences([r for r in runs if r.method != "dpo"], n_boot=500) == rows[1:]
+
+
+def test_ablations_alone_can_be_run_and_paired_against_one_of_them(tmp_path, monkeypatch):
+    """`--methods` with no method and two ablations runs those two rows only, and
+    `--paired-against orpo_2x` makes ORPO at twice the steps the case-by-case table's reference:
+    ORPO and SFT at equal, longer training side by side."""
+    ran = []
+
+    def run_jobs(jobs, *args):  # seed 1's two rows as finished runs
+        ran.extend(job.folder.name for job in jobs)
+        _run_with_predictions(tmp_path / "runs", "sft_2x", 1, [1, 0, 1, 0, 0, 1])
+        _run_with_predictions(tmp_path / "runs", "orpo_2x", 1, [1, 1, 1, 0, 1, 1])  # +2 of 6
+
+    monkeypatch.setattr(compare, "run_jobs", run_jobs)
+    monkeypatch.setattr(compare, "composed_max_steps", lambda overrides: 300)
+    args = ["task=rare_disease", "--seeds", "1", "--no-unimodal-teacher", "--wandb", "disabled"]
+    compare.main(
+        [
+            *args,
+            "--methods",
+            "--ablations",
+            "sft_2x",
+            "orpo_2x",
+            "--paired-against",
+            "orpo_2x",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+
+    assert ran == ["sft_2x_seed1", "orpo_2x_seed1"]
+    orpo_2x, sft_2x = compare.ABLATIONS["orpo_2x"].row, compare.ABLATIONS["sft_2x"].row
+    paired = read_csv(tmp_path / "comparison_paired.csv")
+    assert [(row["reference"], row["method"]) for row in paired] == [(orpo_2x, sft_2x)]
+    assert float(paired[0]["diff_mean"]) == pytest.approx(2 / 6)
+    assert f"**{orpo_2x} against each method, case by case**" in (tmp_path / "comparison.md").read_text()
+    assert "--paired-against orpo_2x" in (tmp_path / "comparison.md").read_text()
+    with pytest.raises(SystemExit, match="nothing to compare"):
+        compare.main([*args, "--methods", "--out", str(tmp_path / "none")])
+
+    # With no method run, the multimodal teacher's row comes from the ablations that used it, not
+    # from one whose results hold the unimodal teacher's numbers.
+    _run_with_predictions(tmp_path / "runs", "orpo_unimodal", 1, [1, 0, 0, 0, 1, 1], teacher_top1=0.45)
+    report = ["task=rare_disease", "--seeds", "1", "--methods", "--out", str(tmp_path), "--report-only"]
+    compare.main([*report, "--ablations", "sft_2x", "orpo_2x", "orpo_unimodal", "--wandb", "disabled"])
+    rows = {row["method"]: row for row in read_csv(tmp_path / "comparison.csv")}
+    assert float(rows[compare.MULTIMODAL_TEACHER]["top1_mean"]) == 0.7
