@@ -5,6 +5,7 @@
     .venv/bin/python experiments/compare.py task=rare_disease debug=smoke --seeds 1 2 --methods none rag
     .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --out DIR --resume   # finish DIR
     .venv/bin/python experiments/compare.py task=tissue --seeds 1 2 3 --out DIR --report-only  # tables so far
+    .venv/bin/python experiments/compare.py task=tissue --methods --ablations sft_2x orpo_2x --paired-against orpo_2x
 
 What it does:
 1. one `python -m mint.run` per method and seed (`optim=none,sft,rag,dpo,orpo`), seed by seed,
@@ -26,8 +27,11 @@ What it does:
    `time/total_s`, and in the .md the compute of the whole comparison), comparison_runs.csv (per method and seed,
    with where a run's time went: trunk_min, reference_min, fit_min, generate_min, rank_min),
    comparison.png (bar chart: mean over seeds, error bars = std over seeds, dots = seeds),
-   comparison_paired.csv (orpo minus each method on the same test cases, paired bootstrap CI),
+   comparison_paired.csv (orpo, or the row `--paired-against` names, minus each other student row
+   on the same test cases, paired bootstrap CI),
    sweep.json (what ran), and logs the tables and the chart to a W&B run in the same group.
+`--methods` with no name runs the named `--ablations` alone (the teacher row then comes from the
+ablation runs that used the multimodal teacher).
 `--resume` finishes a stopped comparison in its --out folder: finished runs (results.json) are
 skipped, an interrupted one continues from its last checkpoint (`resume=true`).
 `--report-only` (the comparison's own arguments plus its --out) runs nothing: it writes the tables
