@@ -331,16 +331,16 @@ def collect(runs_dir: Path, unimodal_name: str | None) -> list[RunResult]:
     for folder in ablations:  # unfinished ones too: a misnamed folder is an error either way
         if _row_of(folder)[1] not in ABLATIONS:
             raise ValueError(f"{folder}: not an ablation of this script ({', '.join(ABLATIONS)})")
-    # (run, its row, whether its teacher is the comparison's multimodal one)
-    students = [(run, str(run[1].optim.method), True) for run in finished(subfolders("methods"))] + [
-        (run, ABLATIONS[_row_of(run[0])[1]].row, not ABLATIONS[_row_of(run[0])[1]].unimodal_teacher)
-        for run in finished(ablations)
-    ]
+    # (folder, config, results, its row, whether its teacher is the comparison's multimodal one)
+    students = [(*run, str(run[1].optim.method), True) for run in finished(subfolders("methods"))]
+    for folder, config, results in finished(ablations):
+        ablation = ABLATIONS[_row_of(folder)[1]]
+        students.append((folder, config, results, ablation.row, not ablation.unimodal_teacher))
     if not students:
         raise FileNotFoundError(f"no finished runs under {runs_dir / 'methods'} or {runs_dir / 'ablations'}")
     runs: list[RunResult] = []
     teachers: dict[int, RunResult] = {}
-    for (folder, config, results), row, multimodal_teacher in students:
+    for folder, config, results, row, multimodal_teacher in students:
         seed = int(config.seed)
         runs.append(
             RunResult(
