@@ -11,6 +11,7 @@ from mint.optim.forward import (
     CHOSEN,
     PROMPT,
     REJECTED,
+    KeptLogits,
     _predictor_index,
     answer_logps,
     attention_mask_for,
@@ -123,3 +124,28 @@ def test_the_output_layer_sees_the_answer_positions_only():
         module = PreferenceModule(model, method="orpo", packed=False)
         module.compute_loss(PreferenceCollator(PAD)(pairs))
         assert rows == [(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_have_autograds_values_and_gradient_with_rows_used_twice(dtype):
+    """KeptLogits.logps (its own backward) against logsumexp + indexing differentiated by autograd,
+    with a row that predicts two tokens and two calls on one KeptLogits (the unpacked SFT term)."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(5, 40)).to(dtype).requires_grad_()
+    rows = torch.tensor([0, 1, 1, 2, 4, 4, 4])  # row 3 unused: its gradient is zero
+    tokens = torch.tensor([3, 7, 9, 0, 39, 39, 1])
+    weights = torch.randn(2, len(rows))
+
+    kept = KeptLogits.of(logits, torch.ones(1, 5, dtype=torch.bool))
+    got = [kept.logps(rows, tokens) for _ in range(2)]
+    (sum((w * g).sum() for w, g in zip(weights, got, strict=True))).backward()
+    got_grad, logits.grad = logits.grad, None
+
+    log_norm = torch.logsumexp(logits.float(), -1)
+    want = [logits[rows, tokens].float() - log_norm[rows] for _ in range(2)]
+    (sum((w * g).sum() for w, g in zip(weights, want, strict=True))).backward()
+
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+    assert got_grad.dtype == dtype and bool(got_grad[3].eq(0).all())
+    torch.testing.assert_close(got_grad, logits.grad, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
