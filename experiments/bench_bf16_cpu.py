@@ -17,40 +17,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import statistics
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
 
-from experiments.shapes import smollm2_shaped
+from experiments.shapes import rare_disease_shaped_batches, smollm2_lora, smollm2_shaped
 from mint.optim.forward import packed_logps
-from mint.pairs.packed import PackedPreferenceCollator
-from mint.pairs.text import TokenizedPair
-
-
-def batches(n_batches: int, batch: int, vocab: int) -> list[dict]:
-    rng = random.Random(0)
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(1, vocab) for _ in range(n)]
-
-    collate = PackedPreferenceCollator(0)
-    return [
-        collate([TokenizedPair(ids(rng.randint(190, 210)), ids(110), ids(110)) for _ in range(batch)])
-        for _ in range(n_batches)
-    ]
 
 
 def train(layers: int, data: list[dict], bf16: bool) -> tuple[list[float], list[float]]:
     """(losses, seconds) per step, from a fixed seed."""
     torch.manual_seed(0)
-    model = get_peft_model(
-        LlamaForCausalLM(smollm2_shaped(layers)).float(),
-        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0),
-    )
+    model = smollm2_lora(layers)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, seconds = [], []
@@ -75,7 +54,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (one more runs as warm-up)")
     args = parser.parse_args()
-    data = batches(args.steps + 1, args.batch, smollm2_shaped(1).vocab_size)
+    data = rare_disease_shaped_batches(args.steps + 1, args.batch, smollm2_shaped(1).vocab_size)
     fp32_losses, fp32_s = train(args.layers, data, bf16=False)
     bf16_losses, bf16_s = train(args.layers, data, bf16=True)
     fp32, bf16 = statistics.median(fp32_s[1:]), statistics.median(bf16_s[1:])

@@ -3,7 +3,7 @@ same log-probs differentiated by autograd (logsumexp + indexing, the code before
 
 A SmolLM2-shaped random Llama (vocabulary 49,152, width 576) with `--layers` layers stands for the
 top layers a trunk-cached SmolLM2 student trains (`student.train_top_layers: 4`); LoRA on all its
-linear layers; packed pairs of the rare-disease shape (prompt ~200 tokens, answers ~110 each). Both
+linear layers; packed pairs of the rare-disease shape (prompt ~200 tokens, answers 110 each). Both
 variants run in this process, alternating, and give the same gradients (checked here, and in
 tests/test_answer_logits.py). Usage:
     PYTHONPATH=. python experiments/bench_token_logps.py [--layers 4] [--batch 8] [--repeats 4]
@@ -12,17 +12,13 @@ tests/test_answer_logits.py). Usage:
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
 
-from experiments.shapes import smollm2_shaped
+from experiments.shapes import rare_disease_shaped_batches, smollm2_lora
 from mint.optim.forward import KeptLogits, packed_logps
-from mint.pairs.packed import PROMPT, PackedPreferenceCollator
-from mint.pairs.text import TokenizedPair
+from mint.pairs.packed import PROMPT
 
 
 def autograd_logps(self: KeptLogits, kept_rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -48,21 +44,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = get_peft_model(
-        LlamaForCausalLM(smollm2_shaped(args.layers)).float(),
-        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-    )
+    model = smollm2_lora(args.layers)
     model.train()
-    rng = random.Random(0)
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(1, 49152) for _ in range(n)]
-
-    pairs = [
-        TokenizedPair(ids(rng.randint(190, 210)), ids(rng.randint(100, 120)), ids(rng.randint(100, 120)))
-        for _ in range(args.batch)
-    ]
-    batch = PackedPreferenceCollator(0)(pairs)
+    (batch,) = rare_disease_shaped_batches(1, args.batch, model.config.vocab_size)
     own_logps = KeptLogits.logps
     times: dict[str, list[float]] = {"autograd": [], "TokenLogps": []}
     grads: dict[str, list[torch.Tensor]] = {}

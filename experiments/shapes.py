@@ -1,9 +1,16 @@
-"""Model shapes the benchmarks share: a random Llama with SmolLM2-135M's vocabulary and width, and
-Llama-3.2-1B's dimensions (bench_preference.py --model llama1b, the GPU suite)."""
+"""Model shapes and random data the benchmarks share: a random Llama with SmolLM2-135M's vocabulary
+and width, rare-disease-shaped packed pairs, and Llama-3.2-1B's dimensions (bench_preference.py
+--model llama1b, the GPU suite)."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+import random
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mint.pairs.packed import PackedPreferenceCollator
+from mint.pairs.text import TokenizedPair
 
 
 def smollm2_shaped(layers: int) -> LlamaConfig:
@@ -19,6 +26,29 @@ def smollm2_shaped(layers: int) -> LlamaConfig:
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
+
+
+def smollm2_lora(layers: int) -> PeftModel:
+    """A random SmolLM2-shaped Llama of `layers` layers in float32, LoRA r=16 on all its linear layers."""
+    return get_peft_model(
+        LlamaForCausalLM(smollm2_shaped(layers)).float(),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0),
+    )
+
+
+def rare_disease_shaped_batches(n_batches: int, batch: int, vocab: int) -> list[dict]:
+    """Packed batches of random pairs shaped like the rare-disease ones (prompt 190-210 tokens,
+    answers 110 each), the same for a given call."""
+    rng = random.Random(0)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(1, vocab) for _ in range(n)]
+
+    collate = PackedPreferenceCollator(0)
+    return [
+        collate([TokenizedPair(ids(rng.randint(190, 210)), ids(110), ids(110)) for _ in range(batch)])
+        for _ in range(n_batches)
+    ]
 
 
 # Llama-3.2-1B's config.json dimensions (tied embeddings).
