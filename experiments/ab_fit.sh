@@ -11,8 +11,9 @@
 #
 # The old commit is checked out in a temporary git worktree and run with this checkout's Python
 # (so the student's package path, and with it every stage-cache key, is the same on both sides);
-# both sides share this checkout's stage cache, so a trunk built by one serves the other. Run it on
-# an idle machine: it reports seconds, and anything beside it moves them.
+# both sides share one stage cache (this checkout's outputs/cache, or $AB_CACHE_DIR), so a trunk
+# built by one serves the other. Run it on an idle machine: it reports seconds, and anything beside
+# it moves them.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
@@ -24,6 +25,7 @@ rounds=$2
 shift 2
 here=$(git rev-parse --show-toplevel)
 python=${PYTHON:-$here/.venv/bin/python}
+cache_dir=${AB_CACHE_DIR:-$here/outputs/cache}
 git -C "$here" rev-parse --verify --quiet "$old_commit^{commit}" > /dev/null \
   || { echo "$0: OLD_COMMIT '$old_commit' is not a commit of $here" >&2; exit 2; }
 
@@ -39,7 +41,7 @@ for round in $(seq "$rounds"); do
     if [ "$side" = new ]; then code=$here; else code=$work/old; fi
     run_dir=$work/$side$round
     (cd "$code" && "$python" -m mint.run stage=student logger=csv "$@" \
-      paths.cache_dir="$here/outputs/cache" hydra.run.dir="$run_dir") > "$run_dir.log" 2>&1 \
+      paths.cache_dir="$cache_dir" hydra.run.dir="$run_dir") > "$run_dir.log" 2>&1 \
       || { echo "$side$round failed: see the log's tail below"; tail -n 20 "$run_dir.log"; exit 1; }
     "$python" - "$run_dir/results.json" "$side$round" <<'EOF'
 import json, sys
