@@ -28,6 +28,9 @@ python=${PYTHON:-$here/.venv/bin/python}
 cache_dir=${AB_CACHE_DIR:-$here/outputs/cache}
 git -C "$here" rev-parse --verify --quiet "$old_commit^{commit}" > /dev/null \
   || { echo "$0: OLD_COMMIT '$old_commit' is not a commit of $here" >&2; exit 2; }
+case $rounds in
+  '' | *[!0-9]* | 0) echo "$0: ROUNDS '$rounds' must be a whole number of at least 1" >&2; exit 2 ;;
+esac
 
 work=$(mktemp -d /tmp/mint-ab.XXXXXX)
 git -C "$here" worktree add --detach --quiet "$work/old" "$old_commit"

@@ -26,10 +26,13 @@ def worktrees() -> list[str]:
     return listing.stdout.splitlines()
 
 
-def test_ab_fit_names_a_commit_that_is_not_one(tmp_path):
+def test_ab_fit_names_a_bad_commit_or_round_count(tmp_path):
     done = ab_fit("no-such-commit", "1", "task=rare_disease", cache=tmp_path)
     assert done.returncode == 2
     assert "OLD_COMMIT 'no-such-commit' is not a commit" in done.stderr
+    done = ab_fit("HEAD", "two", "task=rare_disease", cache=tmp_path)
+    assert done.returncode == 2
+    assert "ROUNDS 'two' must be a whole number" in done.stderr
 
 
 # Two smoke runs of the tiny rare-disease student: about 3 min on the 2 cores.
