@@ -10,7 +10,7 @@
 #       task.eval.val_ranking=false
 #
 # The old commit is checked out in a temporary git worktree and run with this checkout's Python
-# (so the student's package path, and with it every stage-cache key, is the same on both sides);
+# (the same packages on both sides);
 # both sides share one stage cache (this checkout's outputs/cache, or $AB_CACHE_DIR), so a trunk
 # built by one serves the other. Run it on an idle machine: it reports seconds, and anything beside
 # it moves them.

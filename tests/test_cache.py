@@ -1,16 +1,20 @@
 """The stage cache: build once, reuse, never use a partial or damaged entry; the file tools under it."""
 
+import importlib.metadata
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-from mint.cache import cached, config_key, verify
+import mint.cache
+from mint.cache import cached, config_key, portable, verify
 from mint.files import build_atomically, package_dir
 
 
@@ -28,6 +32,45 @@ def test_builds_once_per_config_and_reuses(tmp_path):
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["config"] == {"lr": 1e-3, "folds": 5} and "scores.txt" in manifest["files"]
     assert a.name == config_key({"lr": 1e-3, "folds": 5})
+
+
+def test_a_moved_checkout_or_virtualenv_reuses_its_entries(tmp_path, monkeypatch):
+    """Keys hold no absolute path of the checkout: not the cache's own (a teacher's embedding
+    cache, an SFT start's adapter), not the virtualenv's (SmolLM2's weights in a package)."""
+    calls = []
+
+    def make(folder):
+        calls.append(folder)
+        (folder / "trunk.npy").write_bytes(b"x")
+
+    def config(checkout: Path, site: Path) -> dict:
+        return {
+            "embed_cache_dir": str(checkout / "cache" / "embeddings"),
+            "name_or_path": str(site / "torch"),
+            "k": 5,
+        }
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    monkeypatch.setattr(mint.cache, "_site_packages", lambda: (old / "venv",))
+    built = cached(old / "cache", "trunk", config(old, old / "venv"), make)
+    shutil.move(old, new)
+    monkeypatch.setattr(mint.cache, "_site_packages", lambda: (new / "venv",))
+    reused = cached(new / "cache", "trunk", config(new, new / "venv"), make)
+    assert len(calls) == 1 and reused == new / "cache" / "trunk" / built.name
+    torch = f"torch=={importlib.metadata.version('torch')}/torch"
+    recorded = json.loads((reused / "manifest.json").read_text())["config"]
+    assert recorded == {"embed_cache_dir": "<cache>/embeddings", "name_or_path": torch, "k": 5}
+
+
+def test_portable_keeps_the_package_version_and_paths_it_cannot_place(tmp_path):
+    site = Path(sysconfig.get_paths()["purelib"])
+    version = importlib.metadata.version("torch")
+    assert portable([str(site / "torch" / "lib"), 3], tmp_path) == [f"torch=={version}/torch/lib", 3]
+    # a data folder outside the cache and the virtualenv is the user's: kept, so two never collide
+    assert portable({"data": "/data/notes.jsonl"}, tmp_path) == {"data": "/data/notes.jsonl"}
+    assert portable(str(site / "no_such_package_here" / "x"), tmp_path) == str(
+        site / "no_such_package_here" / "x"
+    )
 
 
 def test_a_killed_build_leaves_nothing_and_the_next_run_builds(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mint.cache import cached, config_key
+from mint.cache import cached
 from mint.config import plain
 from mint.data.task_data import TaskData
 from mint.data.tissue_corpus import check_corpus_disjoint, corpus_digests
@@ -99,7 +99,7 @@ def teacher_stage(cfg: DictConfig, task: TaskData) -> tuple[TeacherResult, str]:
     entry = cached(Path(cfg.paths.cache_dir), "teacher", key, make)
     result = TeacherResult.load(entry / "teacher")
     result.metrics |= pretrain_metrics
-    return result, config_key(key)
+    return result, entry.name  # the teacher's cache key: what the preference set is built from
 
 
 def pretrain_stage(cfg: DictConfig, task: TaskData) -> Path:
